@@ -10,7 +10,7 @@ import torch
 from ddspo_fast.bench import ladder as lad
 from ddspo_fast.bench.archs import TINY, make_batch, write_model
 from ddspo_fast.bench.measure import eager
-from ddspo_fast.bench.steps import REFERENCE_CACHE_MISSING, LadderStep, RowCounter
+from ddspo_fast.bench.steps import LadderStep, RowCounter
 
 FIELDS = [f.name for f in dataclasses.fields(lad.StepConfig)]
 
@@ -39,7 +39,7 @@ def test_official_rungs_follow_the_official_scripts():
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sana"])
 def test_each_rung_changes_exactly_what_it_names(family):
-    rungs = _ladder(family, reference_cache_missing=REFERENCE_CACHE_MISSING)
+    rungs = _ladder(family)
     assert [r.name for r in rungs] == list(lad.RUNG_NAMES)
     assert [r.index for r in rungs] == list(range(len(rungs)))
     assert rungs[0].config == lad.official(family) and rungs[0].skipped is None
@@ -55,7 +55,6 @@ def test_each_rung_changes_exactly_what_it_names(family):
         if r.skipped is None:
             last_measured = r.index
     skipped = {r.name: r.skipped for r in rungs if r.skipped}
-    assert skipped["reference_cache"] == REFERENCE_CACHE_MISSING
     if family == "sdxl":   # the official SDXL recipe checkpoints; the ladder turns it off
         assert "no_checkpointing" not in skipped
     else:
@@ -70,11 +69,12 @@ def test_each_rung_changes_exactly_what_it_names(family):
     assert top.lora_rank == rungs[0].config.lora_rank    # fixed along the ladder
 
 
-def test_cache_rung_is_measured_once_the_feature_exists():
-    rungs = _ladder("sd15", reference_cache_missing=None)
-    cache = rungs[-1]
-    assert cache.name == "reference_cache" and cache.skipped is None
-    assert cache.config.denoiser_rows_per_pair == 2
+def test_the_reference_cache_is_not_a_script_rung():
+    # the script-form step has no cache reader: the library rows measure the cache
+    # (tests/test_bench_step.py), so no rung may claim it
+    assert "reference_cache" not in lad.RUNG_NAMES
+    assert "reference_cache" not in FIELDS
+    assert min(r.config.denoiser_rows_per_pair for r in _ladder("sd15")) == 5
 
 
 def test_missing_bitsandbytes_skips_only_its_rung():
@@ -155,7 +155,7 @@ def test_live_steps_change_exactly_what_the_rung_names(family, tmp_path, monkeyp
     spec = TINY[family]
     model_dir = write_model(spec, tmp_path, torch.device("cpu"))
     batch = make_batch(spec, 1, "cpu", seed=1)
-    rungs = [r for r in _ladder(family, reference_cache_missing="x", lora_rank=spec.lora_rank)
+    rungs = [r for r in _ladder(family, lora_rank=spec.lora_rank)
              if r.skipped is None]
     facts = {}
     for r in rungs:

@@ -177,19 +177,22 @@ def make_batch(spec: Spec, n: int, device, seed: int = 0) -> dict:
             "cond": _cond(spec, n, g, device), "neg_cond": _cond(spec, n, g, device)}
 
 
-def write_dataset(spec: Spec, model_dir: Path, root: Path) -> Path:
-    """One stored pair: the Trainer needs a dataset to start; the timed batches are made
-    in memory by `make_batch`."""
+def write_dataset(spec: Spec, model_dir: Path, root: Path, batch: dict) -> Path:
+    """The benchmark's batch stored as a pair dataset (same ids, same fp16 tensors): the
+    Trainer rows need a dataset to start, and the reference cache is precomputed over it,
+    so the cached row looks up exactly the pairs it is timed on."""
     from ..data import PairWriter
 
-    path = root / f"data-{model_dir.name}"
+    n = len(batch["id"])
+    path = root / f"data-{model_dir.name}-{n}"
     if (path / "index.jsonl").is_file():
         return path
-    b = make_batch(spec, 1, "cpu")
-    with PairWriter(str(path), family=spec.family, model=str(model_dir), shard_size=1) as w:
-        w.add(id="p0", prompt="p", neg_prompt="q", seed=0, latent_w=b["latent_w"][0],
-              latent_l=b["latent_l"][0], cond={k: v[0] for k, v in b["cond"].items()},
-              neg_cond={k: v[0] for k, v in b["neg_cond"].items()})
+    cpu = lambda v: v.detach().to("cpu")  # noqa: E731
+    with PairWriter(str(path), family=spec.family, model=str(model_dir), shard_size=n) as w:
+        for i in range(n):
+            w.add(id=str(batch["id"][i]), prompt=batch["prompt"][i],
+                  neg_prompt=batch["neg_prompt"][i], seed=int(batch["seed"][i]),
+                  latent_w=cpu(batch["latent_w"][i]), latent_l=cpu(batch["latent_l"][i]),
+                  cond={k: cpu(v[i]) for k, v in batch["cond"].items()},
+                  neg_cond={k: cpu(v[i]) for k, v in batch["neg_cond"].items()})
     return path
-
-

@@ -3,7 +3,7 @@ a time, so each gain can be read off on its own.
 
 A rung is a `StepConfig`; rung k+1 is rung k with exactly one field replaced (the field
 it names). A change that cannot run here (no bitsandbytes, a transformer has no
-convolutions for channels_last, a feature that has not landed) is reported as a skipped
+convolutions for channels_last, torch.compile on a small CPU) is reported as a skipped
 rung with its reason and not carried into the next rungs, so every measured rung still
 differs from the previous measured one by exactly what it names.
 
@@ -71,7 +71,6 @@ class StepConfig:
     reference_rows: int          # per pair: 4 = two reference calls (official), 3 = one call
     loss: str
     compile: bool
-    reference_cache: bool
     lora_rank: Optional[int] = None
     lora_targets: Optional[tuple] = None
 
@@ -88,7 +87,7 @@ class StepConfig:
     @property
     def denoiser_rows_per_pair(self) -> int:
         """What the config asks for (the benchmark also counts what ran)."""
-        return 2 if self.reference_cache else 2 + self.reference_rows
+        return 2 + self.reference_rows
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -99,7 +98,7 @@ class StepConfig:
 def official(family: str, lora_rank: int = 128) -> StepConfig:
     """Rung 0: the official DDSPO recipe of `family` (see the module doc for sources)."""
     common = dict(optimizer="adamw", channels_last=False, reference_rows=4, loss="script",
-                  compile=False, reference_cache=False)
+                  compile=False)
     if family == "sd15":
         return StepConfig(precision="fp16-scaler", gradient_checkpointing=False, **common)
     if family == "sdxl":
@@ -148,10 +147,9 @@ CHANGES = (
     Change("fused_loss", "loss", "fused", "the library loss on the stacked reference output "
                                           "instead of the script-form block"),
     Change("compile", "compile", True, "torch.compile of the denoiser (policy and reference)"),
-    Change("reference_cache", "reference_cache", True,
-           "reference outputs read from a precomputed cache: a policy-only step, 2 denoiser "
-           "rows per pair"),
 )
+# The reference cache is not a rung: the script-form step has no cache reader. The library
+# rows after the ladder measure it (bench/report.py: ddspo_fast and ddspo_fast+refcache).
 RUNG_NAMES = ("official",) + tuple(c.name for c in CHANGES)
 
 
@@ -184,14 +182,12 @@ def bitsandbytes_missing() -> Optional[str]:
 
 def build_ladder(family: str, *, is_unet: bool, lora_rank: int = 128,
                  pin_optimizer: Optional[str] = None, only: Optional[set] = None,
-                 reference_cache_missing: Optional[str] = None,
                  compile_missing: Optional[str] = None,
                  bnb_missing: Callable[[], Optional[str]] = bitsandbytes_missing) -> list[Rung]:
     """The rungs of `family`. `pin_optimizer` holds every rung at one optimizer (the
     optimizer rung is then skipped); `only` keeps the named rungs measured and marks the
     rest skipped (their changes still apply, so the measured ones keep their meaning);
-    `reference_cache_missing` is the reason the cache rung cannot run, None once the
-    feature exists; `compile_missing` the reason the compile rung is left out."""
+    `compile_missing` is the reason the compile rung is left out."""
     base = official(family, lora_rank)
     if pin_optimizer is not None:
         if pin_optimizer not in OPTIMIZERS:
@@ -211,8 +207,6 @@ def build_ladder(family: str, *, is_unet: bool, lora_rank: int = 128,
             why = bnb_missing()
         elif ch.name == "channels_last" and not is_unet:
             why = "not a UNet: channels_last only changes convolutions"
-        elif ch.name == "reference_cache":
-            why = reference_cache_missing
         elif ch.name == "compile":
             why = compile_missing
         if why is not None:

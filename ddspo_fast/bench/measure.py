@@ -66,9 +66,10 @@ def useful_flops(step, batch) -> float:
 
 
 # ------------------------------------------------------------ timing
-def time_steps(step, batch, device, n: int) -> tuple[list, Optional[float]]:
-    """Wall time of n steps, each ended by a device sync (CPU: reading the loss)."""
-    out, loss = [], None
+def time_steps(step, batch, device, n: int) -> tuple[list, list]:
+    """Wall times and losses of n steps, each ended by a device sync (CPU: reading the
+    loss); the losses are read after the clock stops."""
+    times, losses = [], []
     for _ in range(n):
         sync(device)
         tic = time.perf_counter()
@@ -77,8 +78,9 @@ def time_steps(step, batch, device, n: int) -> tuple[list, Optional[float]]:
             torch.cuda.synchronize(device)
         else:
             loss.item()
-        out.append(time.perf_counter() - tic)
-    return out, (float(loss) if loss is not None else None)
+        times.append(time.perf_counter() - tic)
+        losses.append(float(loss))
+    return times, losses
 
 
 @dataclass
@@ -87,7 +89,8 @@ class Measured:
     flops: Optional[float] = None        # executed per step
     rows: Optional[int] = None           # denoiser rows per step, counted
     peak_mem_gb: Optional[float] = None
-    loss: Optional[float] = None
+    loss: Optional[float] = None         # of the last step
+    first_loss: Optional[float] = None   # of the first step this configuration took
     skipped_steps: int = 0
     error: Optional[str] = None
     channels_last_after: Optional[bool] = None   # conv weights' layout after the timed steps
@@ -99,6 +102,7 @@ class Entry:
     key: str
     build: Callable
     m: Measured = field(default_factory=Measured)
+    precompute: Optional[dict] = None    # the reference cache's precompute summary, if any
 
 
 def _after(e: Entry, step, accumulate: bool = False) -> None:
@@ -131,13 +135,21 @@ def run_interleaved(entries: list, batch: dict, device: torch.device, *, warmup:
     def first_touch(e: Entry, step) -> None:
         nonlocal useful
         for _ in range(warmup):
-            step(batch)
+            loss = step(batch)
+            if e.m.first_loss is None:
+                e.m.first_loss = float(loss)
         sync(device)
         if count and e.m.flops is None:
             if useful is None and hasattr(step, "objective_passes"):
                 useful = useful_flops(step, batch)
             flops, rows = count_step(step, batch)
             e.m.flops, e.m.rows = flops, rows
+
+    def record(e: Entry, times: list, losses: list) -> None:
+        e.m.times += times
+        if e.m.first_loss is None:
+            e.m.first_loss = losses[0]
+        e.m.loss = losses[-1]
 
     def oom(e: Entry, step) -> None:
         e.m.error = "out of memory"
@@ -163,9 +175,8 @@ def run_interleaved(entries: list, batch: dict, device: torch.device, *, warmup:
         order = [live[k] for k in live]
         for i in range(steps):
             for e, step in (order if i % 2 == 0 else order[::-1]):
-                t, loss = time_steps(step, batch, device, 1)
-                e.m.times += t
-                e.m.loss = loss
+                t, losses = time_steps(step, batch, device, 1)
+                record(e, t, losses)
         for e, step in order:
             _after(e, step)
             step.close()
@@ -184,9 +195,8 @@ def run_interleaved(entries: list, batch: dict, device: torch.device, *, warmup:
                 first_touch(e, step)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                t, loss = time_steps(step, batch, device, k)
-                e.m.times += t
-                e.m.loss = loss
+                t, losses = time_steps(step, batch, device, k)
+                record(e, t, losses)
                 _after(e, step, accumulate=True)
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(device) / 2**30

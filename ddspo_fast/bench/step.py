@@ -8,9 +8,12 @@ For each family, rung 0 is the official DDSPO recipe of that family (optimizer,
 precision, gradient checkpointing, LoRA or full fine-tune, two reference calls = 6
 denoiser rows per pair, the script-form loss); each next rung adds one change and names
 it: bf16 without a GradScaler, 8-bit AdamW, gradient checkpointing off (SDXL), channels_last
-(UNets), 3 reference rows (6 -> 5 rows per pair), the fused library loss, torch.compile,
-and the reference cache once it exists (bench/ladder.py has the sources and the rules).
-A last row runs the library's own `Trainer.train_step` with the fused-loss rung's settings.
+(UNets), 3 reference rows (6 -> 5 rows per pair), the fused library loss and
+torch.compile (bench/ladder.py has the sources and the rules). Two last rows run the
+library's own `Trainer.train_step` with the fused-loss rung's settings: `ddspo_fast`
+(live reference, 5 rows per pair) and `ddspo_fast+refcache` (TrainConfig.reference_cache:
+the reference outputs precomputed by `ddspo-fast precompute` before the timing, 2 rows
+per pair); that row also records what the precompute cost per pair-draw.
 
 All rows are measured in one run on the same batch, interleaved, and report step time
 quantiles (p20/p50/p80), pairs/s (batch / p50), denoiser rows per pair (counted at the
@@ -36,14 +39,19 @@ import torch
 
 from . import ladder as lad
 from .archs import FAMILIES, REAL, TINY, Spec, make_batch, write_dataset, write_model
-from .device import device_name, peak_tflops, slug
+from .device import device_name, free_memory, peak_tflops, sig, slug
 from .measure import Entry, find_max_batch, run_interleaved
-from .report import DEFINITIONS, TRAINER_MIRRORS, TRAINER_ROW, build_rows, format_table
-from .steps import REFERENCE_CACHE_MISSING, LadderStep, TrainerStep
+from .report import (CACHED_ROW, DEFINITIONS, TRAINER_MIRRORS, TRAINER_ROW, build_rows,
+                     format_table)
+from .steps import LadderStep, TrainerStep, precompute_reference
+
+# Draws per pair the library rows cycle through (and the reference cache holds).
+CACHE_DRAWS = 4
 
 # ------------------------------------------------------------ one family
 def bench_family(spec: Spec, ctx: dict, rungs, *, batch_size: int, warmup: int, steps: int,
-                 mode: str, rounds: int, trainer_row: bool, log) -> list[dict]:
+                 mode: str, rounds: int, trainer_row: bool, refcache_row: bool = False,
+                 log) -> list[dict]:
     dev = ctx["device"]
     common = dict(beta=ctx["beta"], lr=ctx["lr"])
     entries = {}
@@ -51,17 +59,40 @@ def bench_family(spec: Spec, ctx: dict, rungs, *, batch_size: int, warmup: int, 
         if r.skipped is None:
             entries[r.name] = Entry(r.name, (lambda c=r.config: LadderStep(
                 c, spec, ctx["model_dir"], dev, **common)))
+    batch = make_batch(spec, batch_size, dev, seed=1)
     mirror = next((r for r in rungs if r.name == TRAINER_MIRRORS), None)
     if trainer_row and mirror is not None and mirror.skipped is None:
+        # Both library rows train on the benchmark's batch stored as a dataset and cycle
+        # through the same CACHE_DRAWS draws, so they take the same steps.
+        data_dir = write_dataset(spec, ctx["model_dir"], ctx["workdir"], batch)
+        lib = dict(common, batch_size=batch_size, draws=CACHE_DRAWS)
         entries[TRAINER_ROW] = Entry(TRAINER_ROW, lambda: TrainerStep(
-            mirror.config, spec, ctx["model_dir"], ctx["data_dir"], ctx["workdir"], dev,
-            **common))
-    batch = make_batch(spec, batch_size, dev, seed=1)
+            mirror.config, spec, ctx["model_dir"], data_dir, ctx["workdir"], dev, **lib))
+        if refcache_row:
+            cache = ctx["workdir"] / f"refcache-{spec.family}-{batch_size}"
+            summary = precompute_reference(mirror.config, spec, ctx["model_dir"], data_dir,
+                                           cache, dev, **lib)
+            free_memory(dev)
+            log(f"  precomputed the reference cache: {summary['pair_draws_computed']} "
+                f"pair-draws, {summary['ms_per_pair_draw'] or 0:.1f} ms each "
+                f"({summary['wall_seconds']:.1f}s with loading)")
+            entries[CACHED_ROW] = Entry(CACHED_ROW, lambda: TrainerStep(
+                mirror.config, spec, ctx["model_dir"], data_dir, ctx["workdir"], dev,
+                reference_cache=cache, **lib), precompute=_precompute_row(summary))
     useful = run_interleaved(list(entries.values()), batch, dev, warmup=warmup, steps=steps,
                              mode=mode, rounds=rounds, count=ctx["flops"], log=log)
     rows = build_rows(spec, rungs, entries, useful, batch_size, ctx["peak_tflops"])
     log(format_table(rows))
     return rows
+
+
+def _precompute_row(summary: dict) -> dict:
+    keep = ("pairs", "draws", "dtype", "fields", "bytes_per_pair_draw", "pair_draws_computed",
+            "seconds", "ms_per_pair_draw", "wall_seconds")
+    out = {k: summary.get(k) for k in keep}
+    for k in ("seconds", "ms_per_pair_draw", "wall_seconds"):
+        out[k] = sig(out[k])
+    return out
 
 
 # ------------------------------------------------------------ CLI
@@ -78,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated rungs to measure (default all: {','.join(lad.RUNG_NAMES)}); "
                         "the others are reported as not selected, their changes still apply")
     p.add_argument("--no-trainer-row", action="store_true",
-                   help="leave out the row timing Trainer.train_step")
+                   help=f"leave out the library rows ({TRAINER_ROW}: Trainer.train_step; "
+                        f"{CACHED_ROW}: the same reading a reference cache)")
+    p.add_argument("--no-refcache-row", action="store_true",
+                   help=f"leave out the {CACHED_ROW} row (and its precompute)")
     p.add_argument("--optimizer", default=None, choices=tuple(lad.OPTIMIZERS),
                    help="pin every rung to this optimizer (the optimizer rung is then skipped); "
                         "--find-max-batch pins the family's official optimizer by default")
@@ -189,14 +223,12 @@ def _main(argv=None) -> int:
             spec = specs[fam]
             tic = time.perf_counter()
             model_dir = write_model(spec, root, dev)
-            data_dir = write_dataset(spec, model_dir, root)
-            ctx = {"device": dev, "model_dir": model_dir, "data_dir": data_dir,
+            ctx = {"device": dev, "model_dir": model_dir,
                    "beta": args.beta, "lr": args.lr, "workdir": root,
                    "flops": not args.no_flops, "peak_tflops": peak}
             pin = args.optimizer or (lad.official(fam).optimizer if args.find_max_batch else None)
             rungs = lad.build_ladder(fam, is_unet=spec.denoiser_cls.startswith("UNet"),
                                      lora_rank=spec.lora_rank, pin_optimizer=pin, only=only,
-                                     reference_cache_missing=REFERENCE_CACHE_MISSING,
                                      compile_missing=compile_missing)
             sources[fam] = lad.OFFICIAL_SOURCE[fam]
             print(f"[{fam}] {spec.notes or spec.denoiser_cls} (model written in "
@@ -226,7 +258,8 @@ def _main(argv=None) -> int:
             else:
                 rows += bench_family(spec, ctx, rungs, batch_size=bs, warmup=warmup,
                                      steps=steps, mode=mode, rounds=args.rounds,
-                                     trainer_row=not args.no_trainer_row, log=print)
+                                     trainer_row=not args.no_trainer_row,
+                                     refcache_row=not args.no_refcache_row, log=print)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
         if tmp is not None:

@@ -4,7 +4,8 @@
   out like the official scripts so every rung runs the same code and differs only in
   the setting it names.
 * `TrainerStep`: the library's own `Trainer.train_step` with one rung's settings: what
-  `ddspo-fast train` actually runs.
+  `ddspo-fast train` actually runs; with a reference cache (`precompute_reference`),
+  the policy-only step of ``TrainConfig.reference_cache``.
 
 Both expose ``__call__(batch) -> loss``, ``denoisers()`` (the modules whose forward calls
 `RowCounter` counts), ``facts()`` (the settings read back from the live objects, for the
@@ -21,14 +22,6 @@ from typing import Optional
 import torch
 
 from .ladder import StepConfig
-
-# Hook for the reference cache (issue 13). Until the feature lands the ladder reports
-# its rung as skipped with this reason. When it lands: set REFERENCE_CACHE_MISSING to
-# None and fill in `LadderStep._cached_reference` (look up the stored target rows and
-# r_l for this step's draws); the rung then measures a policy-only step.
-REFERENCE_CACHE_MISSING = ("the reference cache (issue 13: precomputed frozen-network "
-                           "outputs) has not landed yet")
-
 
 class RowCounter:
     """Counts the rows every forward call of the given denoiser modules receives, by a
@@ -90,9 +83,6 @@ class LadderStep:
                  beta: float, lr: float, seed: int = 0):
         from ..models import load_adapter
 
-        if cfg.reference_cache:
-            # HOOK (issue 13): build or open the reference cache for this model here.
-            raise NotImplementedError(REFERENCE_CACHE_MISSING)
         self.cfg, self.device, self.beta = cfg, device, float(beta)
         self.adapter = a = load_adapter(str(model_dir), spec.family, components=("denoiser",),
                                         device=device, dtype=torch.float32)
@@ -165,10 +155,6 @@ class LadderStep:
         dt = self.autocast_dtype or torch.float32
         return {k: v.to(self.device, dt) if v.is_floating_point() else v.to(self.device)
                 for k, v in cond.items()}
-
-    def _cached_reference(self, batch, t, noise):
-        # HOOK (issue 13): return the cached reference rows for these draws.
-        raise NotImplementedError(REFERENCE_CACHE_MISSING)
 
     def forward_loss(self, batch: dict) -> torch.Tensor:
         """Draw (t, eps), run the policy and the reference, return the loss (no backward)."""
@@ -277,37 +263,81 @@ class LadderStep:
         del self.policy, self.reference, self.optimizer, self.adapter, self.trainable
 
 
+def _train_config(cfg: StepConfig, spec, model_dir: Path, data_dir: Path, output_dir: Path,
+                  device: torch.device, *, beta: float, lr: float, batch_size: int,
+                  max_steps: int, seed: int, reference_cache: Optional[Path] = None):
+    """The TrainConfig of a library row: one rung's settings, TF32 off like every rung,
+    nothing written during the timed steps."""
+    from ..train import TrainConfig
+
+    if cfg.reference_rows != 3 or cfg.loss != "fused":
+        raise ValueError("TrainerStep: the library's step has 3 reference rows and the "
+                         "fused loss; give it such a rung's config")
+    mp = {"bf16": "bf16", "fp32": "no"}.get(cfg.precision, "fp16")
+    return TrainConfig(model=str(model_dir), data=str(data_dir), family=spec.family,
+                       output_dir=str(output_dir), beta=beta, learning_rate=lr,
+                       weight_decay=1e-2, batch_size=batch_size, max_steps=max_steps,
+                       optimizer=cfg.optimizer, mixed_precision=mp,
+                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       channels_last=cfg.channels_last, compile=cfg.compile,
+                       lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_rank,
+                       lora_targets=list(cfg.lora_targets) if cfg.lora_targets else None,
+                       allow_tf32=False, device=str(device), seed=seed, log_every=10**9,
+                       checkpoint_every=0, tensorboard=False, progress=False,
+                       save_final=False, overwrite=True,
+                       reference_cache=str(reference_cache) if reference_cache else None)
+
+
+def precompute_reference(cfg: StepConfig, spec, model_dir: Path, data_dir: Path,
+                         cache_dir: Path, device: torch.device, *, beta: float, lr: float,
+                         batch_size: int, draws: int, seed: int = 0) -> dict:
+    """`ddspo-fast precompute` of the benchmark's dataset, `draws` draws per pair, with the
+    settings the cached row trains with. Returns the precompute's summary (its
+    ``ms_per_pair_draw`` times the frozen networks only) plus ``wall_seconds`` (loading and
+    hashing the weights included)."""
+    import time
+
+    from ..train.precompute import precompute
+
+    # output_dir: the cached row's (the precompute writes nothing there)
+    tc = _train_config(cfg, spec, model_dir, data_dir,
+                       cache_dir.parent / f"run-{spec.family}-refcache", device, beta=beta,
+                       lr=lr, batch_size=batch_size, max_steps=draws, seed=seed)
+    tic = time.perf_counter()
+    out = precompute(tc, cache_dir, draws, batch_size=batch_size, progress=False)
+    out["wall_seconds"] = time.perf_counter() - tic
+    return out
+
+
 class TrainerStep:
-    """`Trainer.train_step` with the settings of one rung (TF32 off, like every rung)."""
+    """`Trainer.train_step` with the settings of one rung, on the benchmark's batch stored
+    as a dataset (`archs.write_dataset`, one batch per epoch). Step i uses draw
+    ``i mod draws`` of each pair (draws.py), so the live row and the cached row see the same
+    (t, eps) step by step and their losses agree. With `reference_cache` (made by
+    `precompute_reference` with ``draws`` draws) the step runs the policy only."""
 
     def __init__(self, cfg: StepConfig, spec, model_dir: Path, data_dir: Path, workdir: Path,
-                 device: torch.device, *, beta: float, lr: float, seed: int = 0):
-        from ..train import TrainConfig, Trainer
+                 device: torch.device, *, beta: float, lr: float, batch_size: int,
+                 draws: int, reference_cache: Optional[Path] = None, seed: int = 0):
+        from ..train import Trainer
 
-        if cfg.reference_rows != 3 or cfg.loss != "fused":
-            raise ValueError("TrainerStep: the library's step has 3 reference rows and the "
-                             "fused loss; give it such a rung's config")
-        mp = {"bf16": "bf16", "fp32": "no"}.get(cfg.precision, "fp16")
-        tc = TrainConfig(model=str(model_dir), data=str(data_dir), family=spec.family,
-                         output_dir=str(workdir / f"run-{spec.family}"), beta=beta,
-                         learning_rate=lr, weight_decay=1e-2, batch_size=1, max_steps=10**9,
-                         optimizer=cfg.optimizer, mixed_precision=mp,
-                         gradient_checkpointing=cfg.gradient_checkpointing,
-                         channels_last=cfg.channels_last, compile=cfg.compile,
-                         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_rank,
-                         lora_targets=list(cfg.lora_targets) if cfg.lora_targets else None,
-                         allow_tf32=False, device=str(device), seed=seed, log_every=10**9,
-                         checkpoint_every=0, tensorboard=False, progress=False,
-                         save_final=False)
-        self.cfg = cfg
+        name = "refcache" if reference_cache else "live"
+        tc = _train_config(cfg, spec, model_dir, data_dir, workdir / f"run-{spec.family}-{name}",
+                           device, beta=beta, lr=lr, batch_size=batch_size,
+                           max_steps=draws if reference_cache else 10**9, seed=seed,
+                           reference_cache=reference_cache)
+        self.cfg, self.draws, self.calls = cfg, draws, 0
         self.trainer = Trainer(tc)
         self.skipped = 0
 
     def __call__(self, batch: dict) -> torch.Tensor:
-        return self.trainer.train_step(batch)["loss"]
+        epoch = self.calls % self.draws
+        self.calls += 1
+        return self.trainer.train_step(dict(batch, draw_epoch=epoch))["loss"]
 
     def denoisers(self):
-        return [self.trainer.policy, self.trainer.reference]
+        # a cached full fine-tune holds no reference model (None)
+        return [m for m in (self.trainer.policy, self.trainer.reference) if m is not None]
 
     def weights_channels_last(self) -> Optional[bool]:
         return conv_weights_channels_last(self.trainer.policy)
@@ -318,4 +348,6 @@ class TrainerStep:
     def close(self):
         # accelerate keeps references to prepared models / optimizers: release them
         self.trainer.accelerator.free_memory()
+        if self.trainer.ref_cache is not None:
+            self.trainer.ref_cache.close()
         del self.trainer
