@@ -92,7 +92,9 @@ def test_tiny_cpu_run_json(tmp_path):
         # cached reference outputs come from another call, in bf16 on this CPU); after
         # that AdamW, which moves a weight by ~lr whatever its gradient's size, lets
         # rounding differences grow, so later losses only stay close
-        assert cached["first_loss"] == pytest.approx(live["first_loss"], rel=1e-3, abs=1e-6)
+        # (the policy starts as the reference: ln 2 up to that rounding; sd3 in bf16 shows
+        # 1e-3 relative, a wrong draw's reference would be off by orders more)
+        assert cached["first_loss"] == pytest.approx(live["first_loss"], rel=1e-2)
         assert cached["loss"] == pytest.approx(live["loss"], rel=0.1)
         assert cached["vs_live"] == pytest.approx(
             live["step_ms"]["p50"] / cached["step_ms"]["p50"], rel=1e-3)
