@@ -79,3 +79,21 @@ def count_rows(family: str):
 def trainable_snapshot(trainer) -> dict:
     return {n: p.detach().clone() for n, p in trainer.policy.named_parameters()
             if p.requires_grad}
+
+
+class Killed(Exception):
+    """Stands in for a kill -9 in the middle of a run."""
+
+
+def die_mid_step(trainer, step: int) -> None:
+    """Make ``trainer.train()`` raise `Killed` in the middle of optimizer step ``step``
+    (on its second micro-batch: the tests run grad_accum=2), i.e. after the checkpoint
+    of step ``step - 1`` and before anything of step ``step`` is written."""
+    inner = trainer.train_step
+
+    def dying_step(batch):
+        if trainer.global_step == step - 1 and trainer.micro_step % 2 == 1:
+            raise Killed()
+        return inner(batch)
+
+    trainer.train_step = dying_step

@@ -1,6 +1,7 @@
 """Model-family adapters on tiny local pipelines: detection, cond dicts, schedules,
 targets, preconditioning, micro-conditioning, sampling defaults."""
 
+import contextlib
 import json
 
 import pytest
@@ -334,6 +335,27 @@ def test_missing_vae_config_warns_what_it_assumes(tmp_path):
     assert b.vae_scale_factor == 8 and b.vae_scaling_factor == 1.0
 
 
+@contextlib.contextmanager
+def messages_of(logger_name: str):
+    """The messages logged to `logger_name` inside the block (a handler on that logger
+    itself: the libraries' loggers do not all propagate to the root, caplog's)."""
+    import logging
+
+    seen = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    h = Grab()
+    log = logging.getLogger(logger_name)
+    log.addHandler(h)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(h)
+
+
 def test_quiet_loading_scopes_bars_and_notice():
     import logging
 
@@ -342,16 +364,8 @@ def test_quiet_loading_scopes_bars_and_notice():
 
     from ddspo_fast.models.quiet import quiet_loading
 
-    seen = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            seen.append(record.getMessage())
-
     log = logging.getLogger("transformers.utils.import_utils")
-    h = Grab()
-    log.addHandler(h)
-    try:
+    with messages_of(log.name) as seen:
         before = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
         with quiet_loading():
             assert not dlog.is_progress_bar_enabled() and not tlog.is_progress_bar_enabled()
@@ -359,8 +373,6 @@ def test_quiet_loading_scopes_bars_and_notice():
             log.warning("something else")
         assert (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()) == before
         log.warning("`YImageProcessor` requires torchvision (not installed); outside")
-    finally:
-        log.removeHandler(h)
     assert seen == ["something else",
                     "`YImageProcessor` requires torchvision (not installed); outside"]
 
@@ -378,31 +390,18 @@ def diffusers_warnings():
 
 
 def test_cast_module_skips_only_the_empty_fp32_warning(diffusers_warnings):
-    import logging
-
     from diffusers import UNet2DConditionModel
 
     from ddspo_fast.models.quiet import cast_module
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model("sd15"), subfolder="unet")
-    seen = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            seen.append(record.getMessage())
-
-    log = logging.getLogger("diffusers.models.modeling_utils")
-    h = Grab()
-    log.addHandler(h)
-    try:
+    with messages_of("diffusers.models.modeling_utils") as seen:
         unet._keep_in_fp32_modules = []
         cast_module(unet, dtype=torch.bfloat16)
         assert unet.dtype == torch.bfloat16 and not seen
         unet._keep_in_fp32_modules = ["time_embedding"]  # a real list: diffusers says so
         cast_module(unet, dtype=torch.float32)
         assert unet.dtype == torch.float32 and any("float32" in m for m in seen)
-    finally:
-        log.removeHandler(h)
 
 
 def test_loading_prints_no_bars_or_cast_warnings(capfd, diffusers_warnings):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _cli_helpers import assert_one_line_error
-from _train_helpers import config, tiny_data, tiny_model
+from _train_helpers import Killed, config, die_mid_step, tiny_data, tiny_model
 
 from ddspo_fast import cli
 from ddspo_fast.train import Trainer
@@ -224,18 +224,8 @@ def test_resume_gives_the_same_adapters_as_an_uninterrupted_run(tmp_path):
     full = PairTrainer(pair_config(tmp_path / "a", **kw))
     full.train()
 
-    class Killed(Exception):
-        pass
-
     part = PairTrainer(pair_config(tmp_path / "b", **kw))
-    step = part.train_step
-
-    def dying_step(batch):  # dies in the middle of optimizer step 3 (after checkpoint 2)
-        if part.global_step == 2 and part.micro_step % 2 == 1:
-            raise Killed()
-        return step(batch)
-
-    part.train_step = dying_step
+    die_mid_step(part, 3)  # after checkpoint 2
     with pytest.raises(Killed):
         part.train()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [2]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from _train_helpers import config, tiny_data
+from _train_helpers import Killed, config, die_mid_step, tiny_data
 
 from ddspo_fast.train import Trainer
 from ddspo_fast.train import checkpoint as ckpt
@@ -29,18 +29,8 @@ def test_resume_latest_equals_uninterrupted(tmp_path):
     full.train()
     want = _weights(full)
 
-    class Killed(Exception):
-        pass
-
     part = Trainer(config("sd15", tmp_path / "b", **kw))
-    step = part.train_step
-
-    def dying_step(batch):  # dies in the middle of optimizer step 3 (after checkpoint 2)
-        if part.global_step == 2 and part.micro_step % 2 == 1:
-            raise Killed()
-        return step(batch)
-
-    part.train_step = dying_step
+    die_mid_step(part, 3)  # after checkpoint 2
     with pytest.raises(Killed):
         part.train()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [2]

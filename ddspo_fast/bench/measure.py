@@ -102,7 +102,7 @@ class Entry:
     key: str
     build: Callable
     m: Measured = field(default_factory=Measured)
-    precompute: Optional[dict] = None    # the reference cache's precompute summary, if any
+    precompute: Optional[dict] = None    # the reference cache's precompute summary, raw
 
 
 def _after(e: Entry, step, accumulate: bool = False) -> None:

@@ -127,12 +127,24 @@ def build_rows(spec: Spec, rungs, entries: dict, useful, batch: int, peak) -> li
         if not cached:
             live_ms = ms
         else:
-            row["precompute"] = e.precompute
+            row["precompute"] = _precompute_fields(e.precompute)
             if ms and live_ms:
                 row["vs_live"] = sig(live_ms / ms)
                 row["live_reference_ms_per_pair"] = sig((live_ms - ms) / batch)
         rows.append(row)
     return rows
+
+
+def _precompute_fields(summary: Optional[dict]) -> Optional[dict]:
+    """What a row keeps of `train.precompute.precompute`'s summary."""
+    if summary is None:
+        return None
+    keep = ("pairs", "draws", "dtype", "fields", "bytes_per_pair_draw", "pair_draws_computed",
+            "seconds", "ms_per_pair_draw", "wall_seconds")
+    out = {k: summary.get(k) for k in keep}
+    for k in ("seconds", "ms_per_pair_draw", "wall_seconds"):
+        out[k] = sig(out[k])
+    return out
 
 
 def format_table(rows) -> str:

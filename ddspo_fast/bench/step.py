@@ -39,7 +39,7 @@ import torch
 
 from . import ladder as lad
 from .archs import FAMILIES, REAL, TINY, Spec, make_batch, write_dataset, write_model
-from .device import device_name, free_memory, peak_tflops, sig, slug
+from .device import device_name, free_memory, peak_tflops, slug
 from .measure import Entry, find_max_batch, run_interleaved
 from .report import (CACHED_ROW, DEFINITIONS, TRAINER_MIRRORS, TRAINER_ROW, build_rows,
                      format_table)
@@ -78,21 +78,12 @@ def bench_family(spec: Spec, ctx: dict, rungs, *, batch_size: int, warmup: int, 
                 f"({summary['wall_seconds']:.1f}s with loading)")
             entries[CACHED_ROW] = Entry(CACHED_ROW, lambda: TrainerStep(
                 mirror.config, spec, ctx["model_dir"], data_dir, ctx["workdir"], dev,
-                reference_cache=cache, **lib), precompute=_precompute_row(summary))
+                reference_cache=cache, **lib), precompute=summary)
     useful = run_interleaved(list(entries.values()), batch, dev, warmup=warmup, steps=steps,
                              mode=mode, rounds=rounds, count=ctx["flops"], log=log)
     rows = build_rows(spec, rungs, entries, useful, batch_size, ctx["peak_tflops"])
     log(format_table(rows))
     return rows
-
-
-def _precompute_row(summary: dict) -> dict:
-    keep = ("pairs", "draws", "dtype", "fields", "bytes_per_pair_draw", "pair_draws_computed",
-            "seconds", "ms_per_pair_draw", "wall_seconds")
-    out = {k: summary.get(k) for k in keep}
-    for k in ("seconds", "ms_per_pair_draw", "wall_seconds"):
-        out[k] = sig(out[k])
-    return out
 
 
 # ------------------------------------------------------------ CLI

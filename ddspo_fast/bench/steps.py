@@ -313,7 +313,7 @@ class TrainerStep:
     """`Trainer.train_step` with the settings of one rung, on the benchmark's batch stored
     as a dataset (`archs.write_dataset`, one batch per epoch). Step i uses draw
     ``i mod draws`` of each pair (draws.py), so the live row and the cached row see the same
-    (t, eps) step by step and their losses agree. With `reference_cache` (made by
+    (t, eps) step by step (their first-step losses agree to rounding). With `reference_cache` (made by
     `precompute_reference` with ``draws`` draws) the step runs the policy only."""
 
     def __init__(self, cfg: StepConfig, spec, model_dir: Path, data_dir: Path, workdir: Path,
