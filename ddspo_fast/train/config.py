@@ -67,8 +67,21 @@ def resume_differences(saved: Mapping[str, Any], new: "TrainConfig") -> list[tup
     return out
 
 
-def _f(default, help: str, **kw):
+def config_field(default, help: str, **kw):
+    """A dataclass field whose help (and argparse extras such as ``choices``) the command
+    line reads through HfArgumentParser (TrainConfig, PairTrainConfig)."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = config_field
+
+
+def weight_dtype(mixed_precision: str):
+    """The dtype of frozen weights and of autocast for a resolved ``mixed_precision``
+    ('bf16' | 'fp16' | 'no'); torch is imported here, not with the config."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[mixed_precision]
 
 
 @dataclass

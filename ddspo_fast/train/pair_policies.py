@@ -35,14 +35,16 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from . import checkpoint as ckpt
-from .config import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainConfig, as_config
+from .config import (LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainConfig, as_config,
+                     weight_dtype)
+from .config import config_field as _f
 from .lora import LOSE, WIN
 
 WIN_DIR, LOSE_DIR = "pos_lora_unet", "neg_lora_unet"  # the official script's names
@@ -52,7 +54,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # key prefix of PeftModel.save_pretrained
 TIMESTEP_SCHEMES = ("uniform", "logit_normal", "mode", "cosmap", "linear", "sigmoid")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,8 +61,6 @@ class NonFiniteLossError(RuntimeError):
     checkpoint was saved."""
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -355,7 +354,7 @@ class PairTrainer:
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.weight_dtype = _DTYPES[cfg.mixed_precision]
+        self.weight_dtype = weight_dtype(cfg.mixed_precision)
         self.out = Path(cfg.output_dir)
         self._lock = None
         try:

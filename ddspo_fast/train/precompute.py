@@ -27,9 +27,9 @@ import torch
 
 from ..fsio import DirLock, atomic_write
 from . import refcache as rc
+from .config import weight_dtype
 from .pairs import PairLoss, make_inputs, needs_text_encoder, pair_mode
 
-_WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 def _config(config):
@@ -53,7 +53,7 @@ class _Frozen:
         from ..models import load_adapter
         from .lora import LOSE, WIN, AdapterSwitch, find_pair_dirs, load_named_adapter
 
-        self.dtype = _WEIGHT_DTYPES[cfg.mixed_precision]
+        self.dtype = weight_dtype(cfg.mixed_precision)
         comps = ("denoiser", "text") if need_text else ("denoiser",)
         # Stored in the autocast dtype, as the trainer stores its frozen copies.
         self.adapter = a = load_adapter(cfg.model, family, components=comps, device=device,

@@ -34,7 +34,7 @@ import torch
 from ..fsio import DirLock, explain_disk_full, free_bytes, require_free_space
 from . import checkpoint as ckpt
 from . import outdir
-from .config import RUN_DEFINING, TrainConfig, as_config, resume_differences
+from .config import RUN_DEFINING, TrainConfig, as_config, resume_differences, weight_dtype
 from .draws import batch_ids
 from .errors import NonFiniteError, ResumeMismatchError
 from .lora import (LOSE, POLICY, WIN, AdapterSwitch, add_policy_lora, find_pair_dirs,
@@ -49,7 +49,6 @@ from .runtime import (check_device_available, default_device_type, human_count,
 
 log = logging.getLogger("ddspo_fast.train")
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 def _reset_accelerate_singletons() -> None:
@@ -112,7 +111,7 @@ class Trainer:
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.weight_dtype = _DTYPES[self.mixed_precision]
+        self.weight_dtype = weight_dtype(self.mixed_precision)
 
         self._lock: DirLock | None = None
         self._acquire_lock()
