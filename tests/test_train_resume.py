@@ -1,7 +1,9 @@
 """Checkpoints: a run killed after a checkpoint and resumed with resume='latest' ends
-with the same weights as one uninterrupted run; checkpoints are atomic."""
+with the same weights as one uninterrupted run (also from a checkpoint of the earlier,
+pickled format, with trust_checkpoint); checkpoints are atomic and hold no pickle."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,11 +11,23 @@ import torch
 from _train_helpers import Killed, config, die_mid_step, tiny_data
 
 from ddspo_fast.train import Trainer
+from ddspo_fast.safeload import read_state
 from ddspo_fast.train import checkpoint as ckpt
+from ddspo_fast.train.errors import UntrustedCheckpointError
 
 
 def _weights(tr):
     return {n: p.detach().clone() for n, p in tr.policy.named_parameters() if p.requires_grad}
+
+
+def _to_earlier_format(path):
+    """Rewrite a checkpoint as earlier versions wrote it: torch.save pickles."""
+    for new, old in ((ckpt.OPTIMIZER_FILE, ckpt.LEGACY_OPTIMIZER_FILE),
+                     (ckpt.SCHEDULER_FILE, ckpt.LEGACY_SCHEDULER_FILE),
+                     (ckpt.rng_file(0), ckpt.rng_file(0, legacy=True))):
+        torch.save(read_state(path / new), path / old)
+        (path / new).unlink()
+    ckpt.write_manifest(path)
 
 
 def test_resume_latest_equals_uninterrupted(tmp_path):
@@ -35,6 +49,9 @@ def test_resume_latest_equals_uninterrupted(tmp_path):
         part.train()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [2]
     assert _weights(part).keys() == want.keys()
+    old = tmp_path / "old"  # the same checkpoint in the earlier, pickled format
+    shutil.copytree(tmp_path / "b", old, ignore=shutil.ignore_patterns(".lock"))
+    _to_earlier_format(ckpt.latest(old))
 
     resumed = Trainer(config("sd15", tmp_path / "b", resume="latest", **kw))
     assert resumed.global_step == 2 and resumed.micro_step == 4  # 4 of 6 batches: mid-epoch
@@ -42,11 +59,23 @@ def test_resume_latest_equals_uninterrupted(tmp_path):
     assert summary["steps"] == 4
     got = _weights(resumed)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-6)
+        assert torch.equal(got[n], want[n]), n  # bit-identical
     # metrics were logged once per step, without duplicates from the killed run
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl")
              .read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+    # the earlier format resumes only when trusted, and then exactly as well
+    pickled = ckpt.latest(old) / ckpt.LEGACY_OPTIMIZER_FILE
+    with pytest.raises(UntrustedCheckpointError, match=f"^resume: {pickled} is a pickle .*"
+                                                       "--trust-checkpoint") as e:
+        Trainer(config("sd15", old, resume="latest", **kw))
+    assert e.value.file == str(pickled) and "\n" not in str(e.value)
+    trusted = Trainer(config("sd15", old, resume="latest", trust_checkpoint=True, **kw))
+    trusted.train()
+    got = _weights(trusted)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
 
 
 def test_resume_without_checkpoint_starts_fresh_and_bad_path_raises(tmp_path):
@@ -67,7 +96,22 @@ def test_checkpoint_is_atomic_and_complete(tmp_path):
     (ckpt.tmp_path(tmp_path, 7) / "trainer_state.json").write_text("{}")
     assert ckpt.latest(tmp_path).name == "checkpoint-1"
     files = {p.name for p in ckpt.latest(tmp_path).iterdir()}
-    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
-            "rng-rank0.pt"} <= files
+    assert files == {"trainable.safetensors", "optimizer.safetensors", "scheduler.json",
+                     "trainer_state.json", "rng-rank0.safetensors", "manifest.json"}
     tr.save_checkpoint()  # same step again: replaced in place, still one checkpoint
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+
+
+def test_checkpoint_without_manifest_needs_trust(tmp_path):
+    kw = dict(lora_rank=2, max_steps=1, checkpoint_every=1)
+    Trainer(config("sd15", tmp_path / "run", **kw)).train()
+    one = ckpt.latest(tmp_path / "run")
+    (one / ckpt.MANIFEST_FILE).unlink()
+    kw["max_steps"] = 2
+    with pytest.raises(UntrustedCheckpointError, match=f"^resume: {one / ckpt.MANIFEST_FILE} "
+                                                       "does not exist.*--trust-checkpoint"):
+        Trainer(config("sd15", tmp_path / "run", resume=str(one), **kw))
+    with pytest.raises(UntrustedCheckpointError):  # latest does not fall back past it
+        Trainer(config("sd15", tmp_path / "run", resume="latest", **kw))
+    tr = Trainer(config("sd15", tmp_path / "run", resume="latest", trust_checkpoint=True, **kw))
+    assert tr.global_step == 1

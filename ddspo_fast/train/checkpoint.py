@@ -5,11 +5,18 @@ half-written one: ``checkpoint-N`` exists only once every file in it is complete
 ``latest()`` ignores leftovers of killed writers.
 
 Layout of ``<output_dir>/checkpoints/checkpoint-N/``: ``trainable.safetensors`` (the
-trained parameters, fp32), ``optimizer.pt``, ``scheduler.pt``, ``rng-rank<i>.pt`` (one per
-process), ``trainer_state.json`` (step counters, last metrics, the config) and
-``manifest.json`` (the sha256 of every other file). ``load`` verifies the checksums first,
-so a truncated or bit-flipped file is named instead of loaded; ``find_intact`` walks back
-from the newest checkpoint to the newest one that verifies.
+trained parameters, fp32), ``optimizer.safetensors`` (the optimizer's state: its tensors,
+with the rest of its ``state_dict`` as JSON in the header), ``scheduler.json`` (the LR
+schedule's state), ``rng-rank<i>.safetensors`` (every random stream of process i),
+``trainer_state.json`` (step counters, last metrics, the config) and ``manifest.json``
+(the sha256 of every other file). Nothing in it is a pickle, so resuming from a
+checkpoint someone else wrote cannot run code (``safeload.py``). ``load`` verifies the
+checksums first, so a truncated or bit-flipped file is named instead of loaded;
+``find_intact`` walks back from the newest checkpoint to the newest one that verifies.
+
+Checkpoints of earlier versions (pickled ``optimizer.pt``, ``scheduler.pt``,
+``rng-rank<i>.pt``) and checkpoints without a manifest are read only with ``trust=True``
+(``--trust-checkpoint``); without it they are refused naming the file and the flag.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch
 
 from ..fsio import (DiskFullError, atomic_write_json, atomic_write_text, explain_disk_full,
                     file_mode, publish_dir, sha256_file)
-from .errors import CorruptCheckpointError
+from ..safeload import load_trusted_pickle, read_state as read_state_file, write_state
+from .errors import CorruptCheckpointError, UntrustedCheckpointError
 
 log = logging.getLogger("ddspo_fast.train")
 
@@ -36,13 +44,17 @@ CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
+OPTIMIZER_FILE = "optimizer.safetensors"
+SCHEDULER_FILE = "scheduler.json"
 MANIFEST_FILE = "manifest.json"
+# what earlier versions wrote: pickles, read only when the user trusts the checkpoint
+LEGACY_OPTIMIZER_FILE = "optimizer.pt"
+LEGACY_SCHEDULER_FILE = "scheduler.pt"
+TRUST_FLAG = "--trust-checkpoint"
 
 
-def rng_file(rank: int) -> str:
-    return f"rng-rank{rank}.pt"
+def rng_file(rank: int, legacy: bool = False) -> str:
+    return f"rng-rank{rank}.pt" if legacy else f"rng-rank{rank}.safetensors"
 
 
 # ---------------------------------------------------------------------- locations
@@ -157,15 +169,15 @@ def save(output_dir, step: int, accelerator, *, trainable: Callable[[], dict],
             begin(output_dir, step)
         accelerator.wait_for_everyone()
         with explain_disk_full(tmp / rng_file(accelerator.process_index)):
-            torch.save(rng, tmp / rng_file(accelerator.process_index))
+            write_state(tmp / rng_file(accelerator.process_index), rng)
         accelerator.wait_for_everyone()
         if is_main:
             with explain_disk_full(tmp / TRAINABLE_FILE):
                 save_file(trainable(), str(tmp / TRAINABLE_FILE))
             with explain_disk_full(tmp / OPTIMIZER_FILE):
-                torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+                write_state(tmp / OPTIMIZER_FILE, optimizer.state_dict())
             with explain_disk_full(tmp / SCHEDULER_FILE):
-                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+                write_state(tmp / SCHEDULER_FILE, scheduler.state_dict())
             atomic_write_text(tmp / STATE_FILE, json.dumps(state, default=str, allow_nan=False))
             write_manifest(tmp)
             with explain_disk_full(dst):
@@ -189,10 +201,24 @@ def write_manifest(directory) -> None:
     atomic_write_json(d / MANIFEST_FILE, {"format": 1, "files": files})
 
 
-def verify(path) -> None:
+def untrusted(file, why: str) -> UntrustedCheckpointError:
+    """The refusal of a checkpoint file that is read only with ``--trust-checkpoint``."""
+    return UntrustedCheckpointError(
+        f"resume: {file} {why}; pass {TRUST_FLAG} to resume from it anyway, only if you "
+        "trust where it came from", file=str(file))
+
+
+def is_legacy(path) -> bool:
+    """Whether checkpoint ``path`` was written by an earlier version (pickled states)."""
+    path = Path(path)
+    return not (path / OPTIMIZER_FILE).is_file() and (path / LEGACY_OPTIMIZER_FILE).is_file()
+
+
+def verify(path, *, trust: bool = False) -> None:
     """Raise ``CorruptCheckpointError`` naming the first file of checkpoint ``path`` that is
-    missing, truncated or whose contents changed. A checkpoint written before checksums
-    existed (no manifest) is only checked for its files being there and non-empty."""
+    missing, truncated or whose contents changed. A checkpoint without a manifest cannot
+    be verified: refused (``UntrustedCheckpointError``) unless ``trust``, then only
+    checked for its files being there and non-empty."""
     path = Path(path)
     mf = path / MANIFEST_FILE
 
@@ -201,9 +227,14 @@ def verify(path) -> None:
                                       f"{why}", file=str(path / name))
 
     if not mf.is_file():
+        if not trust:
+            raise untrusted(mf, "does not exist, so the checkpoint's files cannot be verified")
         log.warning("resume: %s has no %s (written by an older version); its files cannot be "
-                    "verified", path, MANIFEST_FILE)
-        for name in (STATE_FILE, TRAINABLE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE):
+                    "verified (%s)", path, MANIFEST_FILE, TRUST_FLAG)
+        legacy = is_legacy(path)
+        for name in (STATE_FILE, TRAINABLE_FILE,
+                     LEGACY_OPTIMIZER_FILE if legacy else OPTIMIZER_FILE,
+                     LEGACY_SCHEDULER_FILE if legacy else SCHEDULER_FILE):
             if not (path / name).is_file() or (path / name).stat().st_size == 0:
                 raise bad(name, "is missing or empty")
         return
@@ -225,14 +256,15 @@ def verify(path) -> None:
                       "written)")
 
 
-def find_intact(output_dir) -> Path | None:
+def find_intact(output_dir, *, trust: bool = False) -> Path | None:
     """The newest checkpoint of ``output_dir`` that verifies, warning about each newer one
     that does not; None when there is none at all. Raises the newest checkpoint's
-    ``CorruptCheckpointError`` when checkpoints exist but none verifies."""
+    ``CorruptCheckpointError`` when checkpoints exist but none verifies, and an
+    ``UntrustedCheckpointError`` (no fall-back) for one that needs ``trust``."""
     first_error = None
     for _, p in reversed(list_checkpoints(output_dir)):
         try:
-            verify(p)
+            verify(p, trust=trust)
         except CorruptCheckpointError as e:
             log.warning("%s; trying the checkpoint before it", e)
             first_error = first_error or e
@@ -275,14 +307,16 @@ def read_state(path) -> dict:
 
 
 def load(path, process_index: int, *, verified: bool = False,
-         state: dict | None = None) -> Loaded:
+         state: dict | None = None, trust: bool = False) -> Loaded:
     """Verify (unless ``verified``) and read a checkpoint directory, every tensor on the
-    CPU. Any file that cannot be read raises ``CorruptCheckpointError`` naming it."""
+    CPU. Any file that cannot be read raises ``CorruptCheckpointError`` naming it; a
+    pickled file of an earlier version raises ``UntrustedCheckpointError`` unless
+    ``trust`` (then it is unpickled, which can run code stored in it)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not verified:
-        verify(path)
+        verify(path, trust=trust)
 
     def read(name: str, how):
         try:
@@ -293,10 +327,21 @@ def load(path, process_index: int, *, verified: bool = False,
     if state is None:
         state = read_state(path)
     trainable = read(TRAINABLE_FILE, lambda f: load_file(str(f)))
-    optimizer = read(OPTIMIZER_FILE, lambda f: torch.load(f, map_location="cpu",
-                                                          weights_only=False))
-    scheduler = read(SCHEDULER_FILE, lambda f: torch.load(f, weights_only=False))
-    rf = rng_file(process_index)
-    rng = read(rf, lambda f: torch.load(f, weights_only=False)) if (path / rf).is_file() else None
+    legacy = is_legacy(path)
+    if legacy and not trust:
+        raise untrusted(path / LEGACY_OPTIMIZER_FILE,
+                        "is a pickle (a checkpoint of an earlier ddspo_fast); unpickling it "
+                        "can run code stored in it")
+    how = load_trusted_pickle if legacy else read_state_file
+    of, sf = ((LEGACY_OPTIMIZER_FILE, LEGACY_SCHEDULER_FILE) if legacy
+              else (OPTIMIZER_FILE, SCHEDULER_FILE))
+    optimizer, scheduler = read(of, how), read(sf, how)
+    rf = rng_file(process_index, legacy)
+    rng = read(rf, how) if (path / rf).is_file() else None
+    for name, got, kind in ((of, optimizer, dict), (sf, scheduler, dict),
+                            (rf, rng, (dict, type(None)))):
+        if not isinstance(got, kind):
+            raise _unreadable(path / name, ValueError(f"holds a {type(got).__name__}, not "
+                                                      "a state dict"))
     return Loaded(state=state, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
                   rng=rng)

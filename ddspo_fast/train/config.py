@@ -43,8 +43,14 @@ RUN_DEFINING = ("model", "data", "family", "objective", "pair", "pair_lora", "be
                 "rand_cond_prompts", "rand_cond_lambda", "rand_cond_schedule", "batch_size",
                 "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_targets", "optimizer")
 # Where and how this invocation runs; not compared on resume.
-RESUME_IGNORED = ("resume", "overwrite", "output_dir", "progress")
+RESUME_IGNORED = ("resume", "overwrite", "output_dir", "progress", "trust_checkpoint")
 _PATH_FIELDS = ("model", "data", "pair_lora", "rand_cond_prompts")
+TRUST_CHECKPOINT_HELP = (
+    "Allow what cannot be verified as data only, for files you trust: resume from a "
+    "checkpoint of an earlier version (its pickled optimizer.pt / scheduler.pt / "
+    "rng-rank*.pt are unpickled, which can run code stored in them) or from one without a "
+    "manifest.json, and use a reference cache whose shards have no checksums. Without it "
+    "such files are refused, naming the file.")
 
 
 def resume_differences(saved: Mapping[str, Any], new: "TrainConfig") -> list[tuple[str, Any, Any]]:
@@ -177,6 +183,8 @@ class TrainConfig:
                                      "geometry, ...) must match the checkpoint's; others "
                                      "(max_steps, learning rate, logging, ...) may change and "
                                      "are applied.")
+    # ---------------------------------------------------------------- trusting files
+    trust_checkpoint: bool = _f(False, TRUST_CHECKPOINT_HELP)
     seed: int = _f(0, "Seed for data order, timesteps, noise and LoRA init.")
     device: Optional[str] = _f(None, "Device: cpu, cuda, cuda:N or mps (default: "
                                      "accelerate's choice, e.g. cuda:LOCAL_RANK or cpu). A "

@@ -10,7 +10,8 @@ from __future__ import annotations
 from ..fsio import DiskFullError, LockedError
 
 __all__ = ["TrainingError", "NonFiniteError", "OutputDirNotEmptyError", "ResumeMismatchError",
-           "CorruptCheckpointError", "DiskFullError", "LockedError"]
+           "CorruptCheckpointError", "UntrustedCheckpointError", "DiskFullError",
+           "LockedError"]
 
 
 class TrainingError(RuntimeError):
@@ -40,6 +41,16 @@ class ResumeMismatchError(ValueError):
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file is missing, truncated or fails its checksum. ``file`` names it."""
+
+    def __init__(self, message: str, file: str):
+        super().__init__(message)
+        self.file = file
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint (or cache) file can be read only by trusting it: a pickle of an earlier
+    version, or a folder without a manifest. ``file`` names it; ``--trust-checkpoint``
+    (``trust_checkpoint=True``) allows it."""
 
     def __init__(self, message: str, file: str):
         super().__init__(message)

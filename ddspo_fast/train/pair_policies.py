@@ -42,8 +42,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from . import checkpoint as ckpt
-from .config import (LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainConfig, as_config,
-                     weight_dtype)
+from .config import (LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TRUST_CHECKPOINT_HELP,
+                     TrainConfig, as_config, weight_dtype)
 from .config import config_field as _f
 from .lora import LOSE, WIN
 
@@ -120,6 +120,7 @@ class PairTrainConfig:
     checkpoints_keep: Optional[int] = _f(None, "Keep only the newest N checkpoints.")
     resume: Optional[str] = _f(None, "None | 'latest' (newest checkpoint in output_dir, fresh "
                                      "start if none) | a checkpoint directory.")
+    trust_checkpoint: bool = _f(False, TRUST_CHECKPOINT_HELP)
     overwrite: bool = _f(False, "Start afresh in an output_dir that already holds adapters "
                                 "or checkpoints (they are replaced); without it such a "
                                 "directory is refused unless resuming.")
@@ -648,7 +649,7 @@ class PairTrainer:
 
     def load_checkpoint(self, path) -> None:
         path, acc = Path(path), self.accelerator
-        got = ckpt.load(path, acc.process_index)
+        got = ckpt.load(path, acc.process_index, trust=self.config.trust_checkpoint)
         state = got.state
         if state.get("kind") != "train-pair":
             raise ValueError(f"resume: {path} is not a train-pair checkpoint")

@@ -298,7 +298,7 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self._resumed_from = None
         if cfg.resume == "latest":
-            path = ckpt.find_intact(cfg.output_dir)  # warns about (and skips) damaged ones
+            path = ckpt.find_intact(cfg.output_dir, trust=cfg.trust_checkpoint)  # skips damaged ones
             if path is not None:
                 self.load_checkpoint(path, verified=True)
         elif cfg.resume:
@@ -603,8 +603,9 @@ class Trainer:
         """Continue from checkpoint ``path``: verify its checksums (unless ``verified``),
         refuse a change of what defines the run, then load and apply the new settings."""
         path, acc = Path(path), self.accelerator
+        trust = self.config.trust_checkpoint
         if not verified:
-            ckpt.verify(path)
+            ckpt.verify(path, trust=trust)
         state = ckpt.read_state(path)
         if state.get("num_processes", 1) != acc.num_processes:
             raise ValueError(f"resume: {path} was written by {state['num_processes']} "
@@ -617,7 +618,7 @@ class Trainer:
                     f"{name}: the checkpoint {path} was trained with {name}={old!r}, this run "
                     f"asks for {new!r}; a resumed run keeps the settings that define it (start "
                     f"a new output_dir to train with another {name})", field=name)
-        got = ckpt.load(path, acc.process_index, verified=True, state=state)
+        got = ckpt.load(path, acc.process_index, verified=True, state=state, trust=trust)
         named = dict(self.policy.named_parameters())
         missing = [n for n in self.trainable_names if n not in got.trainable]
         if missing:
