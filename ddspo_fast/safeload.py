@@ -72,11 +72,15 @@ def load_pickled_weights(path) -> dict:
             f"{SAFE_TORCH[0]}.{SAFE_TORCH[1]}); upgrade torch or convert it to safetensors",
             file=str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any refusal of the unpickler: name the file
         first = (str(e).strip().splitlines() or [""])[0]
         raise UnsafeFileError(f"{path}: not a plain tensor file, refused ({type(e).__name__}: "
                               f"{first[:200]})", file=str(path)) from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise UnsafeFileError(f"{path}: not a state dict of named tensors", file=str(path))
+    return sd
 
 
 def load_trusted_pickle(path) -> Any:

@@ -79,6 +79,8 @@ def load_named_adapter(module, path: Path, name: str, prefix: str) -> None:
     """Load a diffusers LoRA file or a peft adapter dir into ``module`` as ``name``."""
     from safetensors.torch import load_file
 
+    from ..safeload import load_pickled_weights
+
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         from peft import LoraConfig, set_peft_model_state_dict
@@ -86,8 +88,11 @@ def load_named_adapter(module, path: Path, name: str, prefix: str) -> None:
         cfg = LoraConfig.from_pretrained(str(path))
         module.add_adapter(cfg, adapter_name=name)
         f = path / "adapter_model.safetensors"
-        sd = load_file(str(f)) if f.is_file() else torch.load(path / "adapter_model.bin",
-                                                             map_location="cpu")
+        if not f.is_file() and not (path / "adapter_model.bin").is_file():
+            raise ValueError(f"pair_lora: {path} holds adapter_config.json but no "
+                             "adapter_model.safetensors (or adapter_model.bin)")
+        # peft's older pickle format only when no safetensors file is there; weights only
+        sd = load_file(str(f)) if f.is_file() else load_pickled_weights(path / "adapter_model.bin")
         sd = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
         res = set_peft_model_state_dict(module, sd, adapter_name=name)
         if getattr(res, "unexpected_keys", None):
