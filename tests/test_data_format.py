@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddspo_fast.data import PairDataset, PairWriter, collate_pairs, open_dataset
+from ddspo_fast.data import PairDataset, PairWriter, collate_pairs, open_dataset, validate_dataset
 
 SHAPE = (4, 8, 8)
 
@@ -35,6 +35,11 @@ def make_ds(path, n=5, shard_size=2, **kw):
 
 def _index(path):
     return [json.loads(l) for l in (path / "index.jsonl").read_text().splitlines()]
+
+
+def _manifest(path, *drop):
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (path / "manifest.jsonl").read_text().splitlines()]
 
 
 def _write_index(path, rows):
@@ -122,6 +127,9 @@ def test_killed_writer_resumes_to_same_content(tmp_path):
     del w  # "killed": rows 3, 4 were only buffered, never written
     # a crash between the shard rename and the index append leaves an orphan shard
     save_file({"latent_w": torch.zeros(1, *SHAPE)}, str(part / "shard-00007.safetensors"))
+    with open(part / "manifest.jsonl", "a") as f:  # recorded in the manifest, half a line
+        f.write(json.dumps({"shard": "shard-00007.safetensors", "sha256": "0" * 64,
+                            "bytes": 1, "rows": 1}) + '\n{"shard": "sha')
     (part / ".shard-00008.safetensors.x.tmp").write_bytes(b"partial")
     with open(part / "index.jsonl", "a") as f:  # and a half-written index line
         f.write('{"id": "p003", "prom')
@@ -137,9 +145,66 @@ def test_killed_writer_resumes_to_same_content(tmp_path):
 
     a, b = open_dataset(full), open_dataset(part)
     assert a.ids() == b.ids() and len(b) == 7
+    # the manifest holds the indexed shards only (a header's metadata order is not fixed,
+    # so the checksums are those of each dataset's own files: validate checks them)
+    assert _manifest(full, "sha256") == _manifest(part, "sha256")
+    assert validate_dataset(part)["valid"] == 7
     for i in range(7):
         assert torch.equal(a[i]["latent_w"], b[i]["latent_w"])
         assert torch.equal(a[i]["neg_cond"]["prompt_embeds"], b[i]["neg_cond"]["prompt_embeds"])
+
+
+# ---------------------------------------------------------------- shards bound to the index
+
+
+def test_swapped_shards_are_refused_naming_the_shard(tmp_path, capsys):
+    from ddspo_fast.cli import main
+    from ddspo_fast.data import validate_dataset
+
+    d = make_ds(tmp_path / "ds", n=4, shard_size=2)  # two shards of equal shape
+    a, b = d / "shard-00000.safetensors", d / "shard-00001.safetensors"
+    a.rename(d / "x")
+    b.rename(a)
+    (d / "x").rename(b)
+    with pytest.raises(ValueError, match=f"shard file {a} holds the rows written as {b.name}"):
+        open_dataset(d)
+    report = validate_dataset(d)
+    assert report["valid"] == 0 and all("swapped" in r for r in report["skipped"])
+    assert main(["validate", str(d)]) == 1
+    assert f"shard file {a} holds the rows written as {b.name}" in capsys.readouterr().err
+
+
+def test_changed_shard_fails_its_checksum_once_per_process(tmp_path, monkeypatch):
+    from ddspo_fast.data import packed_reader, validate_dataset
+
+    d = make_ds(tmp_path / "ds", n=4, shard_size=2)
+    shard = d / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # one bit of one latent: same size, header intact
+    shard.write_bytes(bytes(data))
+    ds = open_dataset(d)  # name and size still agree with the manifest
+    hashed = []
+    real = packed_reader.sha256_file
+    monkeypatch.setattr(packed_reader, "sha256_file", lambda p: hashed.append(p) or real(p))
+    assert ds[0]["id"] == "p000"
+    for _ in range(2):
+        with pytest.raises(ValueError, match=f"^shard file {shard} does not match its checksum"):
+            ds[3]
+    assert ds[1]["id"] == "p001" and len(hashed) == 2  # each shard hashed once
+    report = validate_dataset(d)
+    assert report["valid"] == 2 and all("checksum" in r for r in report["skipped"])
+
+
+def test_dataset_of_an_earlier_version_is_read_and_resumed_with_a_manifest(tmp_path, caplog):
+    d = make_ds(tmp_path / "ds", n=3, shard_size=2)
+    want = (d / "manifest.jsonl").read_text()
+    (d / "manifest.jsonl").unlink()
+    with caplog.at_level("WARNING"):
+        assert len(open_dataset(d)) == 3
+    assert "no manifest.jsonl" in caplog.text
+    PairWriter(d, family="sd15", model="tiny", shard_size=2).close()
+    assert (d / "manifest.jsonl").read_text() == want
+    assert validate_dataset(d)["valid"] == 3
 
 
 def test_resume_refuses_different_settings(tmp_path):
@@ -227,9 +292,23 @@ def test_missing_info_or_index(tmp_path):
 
 
 def _rewrite_shard(path, **override):
+    """Change a shard's tensors and record the new file in the manifest, as a writer that
+    wrote bad rows would have (the content checks, not the checksum, must catch them)."""
     t = load_file(str(path))
     t.update(override)
-    save_file(t, str(path))
+    save_file(t, str(path), metadata={"shard": path.name})
+    _reseal(path)
+
+
+def _reseal(shard):
+    from ddspo_fast.fsio import sha256_file
+
+    mf = shard.parent / "manifest.jsonl"
+    recs = [json.loads(line) for line in mf.read_text().splitlines()]
+    for r in recs:
+        if r["shard"] == shard.name:
+            r.update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
+    mf.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
 @pytest.mark.parametrize(
@@ -369,6 +448,7 @@ def test_pairs_whose_conditions_are_equal_are_refused_and_flagged(tmp_path):
     t = load_file(str(shard))
     t["neg_cond.prompt_embeds"][1] = t["cond.prompt_embeds"][1] * (1 + 2 ** -22)
     save_file(t, str(shard))
+    _reseal(shard)
     report = validate_dataset(d)
     assert report["valid"] == 2 and len(report["skipped"]) == 1
     assert "(id 'p001'): cond equals neg_cond" in report["skipped"][0]

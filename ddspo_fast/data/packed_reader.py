@@ -2,7 +2,9 @@
 
 Shards are memory-mapped with ``safetensors.safe_open``; a reader opens each shard
 lazily, once per process, so a DataLoader's worker processes each get their own
-handles instead of sharing (or pickling) the parent's.
+handles instead of sharing (or pickling) the parent's. Each shard is checked against the
+dataset's manifest: its name and size when the dataset is opened, its sha256 when a
+process first reads it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from ..fsio import iter_jsonl
+from ..fsio import iter_jsonl, sha256_file
 from .base_reader import BasePairDataset, Item
-from .layout import INDEX_FILE, INFO_FILE, SHARD_RE, read_info
+from .layout import INDEX_FILE, INFO_FILE, MANIFEST_FILE, SHARD_RE, read_info, read_manifest
 from .validate import ST_DTYPES, latent_pair_problem, normalize_latent_shape, prompt_problem
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,12 @@ class PairDataset(BasePairDataset):
         self.cond_keys = list(self.info.get("cond_keys") or []) if load_cond else []
         self.neg_cond_keys = list(self.info.get("neg_cond_keys") or []) if load_cond else []
         self._handles: Dict[str, Any] = {}
+        self._verified: Dict[str, Optional[str]] = {}  # shard -> None (good) or the problem
         self._owner_pid = os.getpid()
+        self.manifest = read_manifest(self.path)
+        if self.manifest is None:
+            log.warning("%s has no %s (written by an earlier version): its shards cannot be "
+                        "verified", self.path, MANIFEST_FILE)
         self._scan_index()
         if self.skipped:
             log.warning("%s: skipped %d invalid pairs: %s", self.path, len(self.skipped), self.skipped_summary())
@@ -155,6 +162,9 @@ class PairDataset(BasePairDataset):
         if reason:
             return f"shard file {path}: {reason}"
         n = sw[0]
+        reason = self._manifest_problem(shard, path, n, _meta)
+        if reason:
+            return reason
         for group, names in (("cond", self.cond_keys), ("neg_cond", self.neg_cond_keys)):
             for name in names:
                 key = f"{group}.{name}"
@@ -164,18 +174,51 @@ class PairDataset(BasePairDataset):
                     return f"shard file {path}: {key} has {keys[key][0][:1]} rows, expected [{n}]"
         return n
 
+    def _manifest_problem(self, shard: str, path: Path, rows: int, meta: Dict[str, str]) -> Optional[str]:
+        """What binds the shard to the index, checked without reading its data."""
+        named = meta.get("shard")
+        if named is not None and named != shard:
+            return (f"shard file {path} holds the rows written as {named} (shards swapped or "
+                    "renamed)")
+        if self.manifest is None:
+            return None
+        rec = self.manifest.get(shard)
+        if rec is None:
+            return f"shard file {path} is not in {MANIFEST_FILE}"
+        size = path.stat().st_size
+        if size != rec["bytes"] or rows != rec["rows"]:
+            return (f"shard file {path} has {size} bytes and {rows} rows, {MANIFEST_FILE} "
+                    f"records {rec['bytes']} and {rec['rows']} (replaced or truncated?)")
+        return None
+
+    def _checksum_problem(self, shard: str) -> Optional[str]:
+        """The shard's sha256 against the manifest, once per shard per process."""
+        if self.manifest is None:
+            return None
+        if shard not in self._verified:
+            path, rec = self.path / shard, self.manifest.get(shard) or {}
+            ok = path.is_file() and sha256_file(path) == rec.get("sha256")
+            self._verified[shard] = None if ok else (
+                f"shard file {path} does not match its checksum in {MANIFEST_FILE} (the file "
+                "changed after it was written)")
+        return self._verified[shard]
+
     # -- reading
     def _handle(self, shard: str):
         # Handles are per process: a forked DataLoader worker must not reuse the
         # parent's mmap objects, and a pickled dataset (spawn) carries none.
         if self._owner_pid != os.getpid():
             self._handles = {}
+            self._verified = {}
             self._owner_pid = os.getpid()
         h = self._handles.get(shard)
         if h is None:
             from safetensors import safe_open
 
             path = self.path / shard
+            problem = self._checksum_problem(shard)
+            if problem:
+                raise ValueError(problem)
             try:
                 h = safe_open(str(path), framework="pt")
             except Exception as e:
@@ -213,4 +256,5 @@ class PairDataset(BasePairDataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_handles"] = {}
+        state["_verified"] = {}
         return state

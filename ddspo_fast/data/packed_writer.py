@@ -11,8 +11,10 @@ from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 
-from ..fsio import LOCK_NAME, TMP_SUFFIX, DirLock, atomic_write, atomic_write_json, fsync_dir
-from .layout import FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, INFO_FILE, SHARD_PATTERN, SHARD_RE, read_info
+from ..fsio import (LOCK_NAME, TMP_SUFFIX, DirLock, atomic_write, atomic_write_json,
+                    atomic_write_text, fsync_dir, sha256_file)
+from .layout import (FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, INFO_FILE, MANIFEST_FILE,
+                     SHARD_PATTERN, SHARD_RE, manifest_line, read_info)
 from .validate import dtype_name, finite_problem, latent_pair_problem, prompt_problem, same_condition_problem
 
 
@@ -20,8 +22,9 @@ class PairWriter:
     """Append preference pairs to a packed dataset; safe to kill and resume.
 
     Rows are buffered and written ``shard_size`` at a time. Each shard goes to a
-    temporary file that is fsynced and renamed into place, and only then are its
-    index lines appended (and fsynced): after a crash every indexed id is complete
+    temporary file that is fsynced and renamed into place, then its name, size and
+    sha256 are appended to ``manifest.jsonl``, and only then are its index lines
+    appended (and fsynced): after a crash every indexed id is complete
     and ``done_ids()`` on a new writer over the same directory tells the generator
     what to skip. ``info`` holds extra settings (e.g. steps, cfg) stored in
     info.json; resuming with different values for the same keys is refused.
@@ -66,7 +69,7 @@ class PairWriter:
 
         info_path = self.out_dir / INFO_FILE
         if not info_path.exists() and self.out_dir.exists() and any(
-            p.name not in (INDEX_FILE, LOCK_NAME) and not p.name.endswith(TMP_SUFFIX)
+            p.name not in (INDEX_FILE, MANIFEST_FILE, LOCK_NAME) and not p.name.endswith(TMP_SUFFIX)
             for p in self.out_dir.iterdir()
         ):
             raise ValueError(f"out_dir {self.out_dir} is not empty and holds no {INFO_FILE}; refusing to write into it")
@@ -79,11 +82,13 @@ class PairWriter:
             if info_path.exists():
                 self._resume(read_info(self.out_dir), family, model, extra)
             self._index_path = self.out_dir / INDEX_FILE
+            self._manifest_path = self.out_dir / MANIFEST_FILE
             if not info_path.exists():
                 # A fresh dataset: any index from an interrupted start before info.json
                 # existed references no shard we can trust.
-                if self._index_path.exists():
-                    self._index_path.unlink()
+                for stale in (self._index_path, self._manifest_path):
+                    if stale.exists():
+                        stale.unlink()
         except BaseException:
             self._unlock()
             raise
@@ -138,8 +143,35 @@ class PairWriter:
             elif p.name.endswith(TMP_SUFFIX):
                 p.unlink()
         self._next_shard = max(numbers) + 1
+        self._resume_manifest(used)
         for k, spec in (self._info.get("cond_shapes") or {}).items():
             self._cond_shapes[k] = (list(spec[0]), spec[1])
+
+    def _resume_manifest(self, used: Set[str]) -> None:
+        """Keep the manifest records of the indexed shards (a killed writer may have left a
+        partial last line, or the record of a shard it never indexed); a dataset of an
+        earlier version gets records of its shards now."""
+        records: Dict[str, str] = {}
+        path = self.out_dir / MANIFEST_FILE
+        if path.exists():
+            for raw in path.read_bytes().splitlines(keepends=True):
+                try:
+                    rec = json.loads(raw) if raw.endswith(b"\n") else None
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    rec = None
+                if isinstance(rec, dict) and rec.get("shard") in used:
+                    records[rec["shard"]] = raw.decode("utf-8")
+        for name in sorted(used - set(records)):
+            shard = self.out_dir / name
+            if shard.is_file():
+                from safetensors import safe_open
+
+                with safe_open(str(shard), framework="pt") as f:
+                    rows = f.get_slice("latent_w").get_shape()[0]
+                records[name] = manifest_line(name, sha256_file(shard), shard.stat().st_size, rows)
+        text = "".join(records[k] for k in sorted(records))
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            atomic_write_text(path, text)
 
     # -- public API
     def done_ids(self) -> Set[str]:
@@ -248,17 +280,24 @@ class PairWriter:
         def _save(tmp: Path) -> None:
             from safetensors.torch import save_file
 
-            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, "rows": str(len(rows))})
+            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, "rows": str(len(rows)),
+                                                   "shard": name})
 
         atomic_write(self.out_dir / name, _save)
+        shard = self.out_dir / name
+        self._append(self._manifest_path,
+                     manifest_line(name, sha256_file(shard), shard.stat().st_size, len(rows)))
         lines = "".join(
             json.dumps({"id": r["id"], "prompt": r["prompt"], "neg_prompt": r["neg_prompt"], "seed": r["seed"],
                         "shard": name, "row": i}, ensure_ascii=False) + "\n"
             for i, r in enumerate(rows)
         )
-        new_file = not self._index_path.exists()
-        with open(self._index_path, "a", encoding="utf-8", newline="\n") as f:
-            f.write(lines)
+        self._append(self._index_path, lines)
+
+    def _append(self, path: Path, text: str) -> None:
+        new_file = not path.exists()
+        with open(path, "a", encoding="utf-8", newline="\n") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         if new_file:
@@ -286,8 +325,9 @@ class PairWriter:
         try:
             self.flush()
             self._write_info()
-            if not self._index_path.exists():
-                self._index_path.touch()
+            for path in (self._index_path, self._manifest_path):
+                if not path.exists():
+                    path.touch()
         finally:
             self._closed = True
             self._unlock()
