@@ -95,6 +95,9 @@ def _prepare_dir(out: Path, fp: dict, files: dict, *, fields, latent_shape, dtyp
     new one written now."""
     if (out / rc.META_FILE).is_file():
         meta = rc.read_meta(out)
+        if meta["version"] < rc.FORMAT_VERSION:
+            raise ValueError(f"out: {out} holds a cache of an earlier version (its shards have "
+                             "no checksums); precompute into a new --out")
         diff = rc.mismatch(meta["fingerprint"], fp)
         if diff is not None:
             raise ValueError(f"out: {out} holds a cache made for other settings ({diff}); "
@@ -124,7 +127,11 @@ def _prepare_dir(out: Path, fp: dict, files: dict, *, fields, latent_shape, dtyp
 def _write_shard(path: Path, tensors: dict) -> None:
     from safetensors.torch import save_file
 
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp))
+        rc.write_checksum(path, tmp)  # before the shard appears
+
+    atomic_write(path, write)
 
 
 def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
@@ -216,7 +223,8 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
         start = min(cache.draws, draws)
         items = [(d, s) for d in range(start, draws) for s in range(n_shards)]
         mine = [it for i, it in enumerate(items) if i % world == rank]
-        todo = [it for it in mine if not cache.shard_path(*it).is_file()]
+        todo = [it for it in mine if not cache.shard_path(*it).is_file()
+                or not rc.checksum_path(cache.shard_path(*it)).is_file()]
         size = lambda s: min(pps, len(dataset) - s * pps)  # noqa: E731
         if is_main and todo:
             need = sum(size(s) for _, s in todo) * per_draw * world

@@ -5,8 +5,9 @@ training (DESIGN.md section 1b). Format, fingerprint and reader; ``precompute.py
       cache.json                            format, version, fingerprint, pairs, draws
                                             (complete ones), pairs_per_shard, fields, ids
       draw-00000/shard-00000.safetensors    draw 0 of pairs [0, P); one tensor per field,
-      draw-00000/shard-00001.safetensors    row i = pair s * P + i (dataset order)
-      ...
+      draw-00000/shard-00000.sha256         row i = pair s * P + i (dataset order); beside
+      draw-00000/shard-00001.safetensors    each shard its sha256 and size (JSON), written
+      ...                                   before the shard appears
 
 Fields, by pair mode (what the loss needs beyond the policy's output, nothing more):
 
@@ -23,6 +24,10 @@ Targets are stored in the cache's dtype (default: the run's autocast dtype, so n
 lost against a live run), r_w / r_l in fp32. Shards are written atomically, one per
 (draw, block of pairs), so a killed precompute resumes where it stopped and more draws
 can be added to a cache later.
+
+A reader checks a shard against its checksum the first time a process opens it (a
+changed or truncated shard is refused naming it). Caches of version 1 have no checksums:
+they are used only with ``trust_checkpoint`` (``--trust-checkpoint``).
 
 The fingerprint names everything that changes the stored values: the frozen weights
 (sha256 of the denoiser's files, the text encoders' when prompts are encoded, the pair
@@ -43,12 +48,14 @@ from typing import Optional
 import torch
 
 from ..fsio import atomic_write_json, sha256_file
+from .errors import UntrustedCheckpointError
 from .draws import DRAWS_VERSION, draw_indices, draws_needed
 from .pairs import needs_text_encoder, pair_mode
 
 FORMAT_NAME = "ddspo_fast.refcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every shard has its checksum file
 META_FILE = "cache.json"
+CHECKSUM_SUFFIX = ".sha256"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_DTYPE = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}  # by mixed_precision
 
@@ -69,6 +76,37 @@ COMPARED = (
 
 def shard_name(draw: int, shard: int) -> str:
     return f"draw-{draw:05d}/shard-{shard:05d}.safetensors"
+
+
+def checksum_path(shard: Path) -> Path:
+    """Where the sha256 and size of ``shard`` are kept."""
+    return Path(shard).with_suffix(CHECKSUM_SUFFIX)
+
+
+def write_checksum(shard: Path, written: Path) -> None:
+    """Record the checksum of ``written`` (the shard's finished temp file) for ``shard``;
+    called before the shard is renamed into place, so no shard is ever without one."""
+    atomic_write_json(checksum_path(shard), {"sha256": sha256_file(written),
+                                             "bytes": Path(written).stat().st_size})
+
+
+def shard_problem(shard: Path) -> Optional[str]:
+    """Why ``shard`` does not match its checksum file (None when it does)."""
+    ck = checksum_path(shard)
+    try:
+        rec = json.loads(ck.read_text(encoding="utf-8"))
+        want, size = rec["sha256"], rec["bytes"]
+    except FileNotFoundError:
+        return f"{shard} has no checksum file {ck.name}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f"{ck} is unreadable ({type(e).__name__}: {e})"
+    if not shard.is_file():
+        return f"{shard} is missing"
+    if shard.stat().st_size != size:
+        return f"{shard} has {shard.stat().st_size} bytes, {size} were written (truncated?)"
+    if sha256_file(shard) != want:
+        return f"{shard} does not match its checksum (the file changed after it was written)"
+    return None
 
 
 def fields_of(mode: str, mixing: bool) -> list[str]:
@@ -253,9 +291,17 @@ class RefCache:
 
     MAX_OPEN = 64  # shard handles kept open (least recently used closed first)
 
-    def __init__(self, path):
+    def __init__(self, path, *, trust: bool = False):
         self.path = Path(path)
         self.meta = read_meta(self.path)
+        # shards of a version-1 cache have no checksums: read unverified, when trusted
+        self.verify = self.meta["version"] >= 2
+        if not self.verify and not trust:
+            raise UntrustedCheckpointError(
+                f"{self.path / META_FILE} is a cache of an earlier version whose shards have "
+                "no checksums; precompute it again, or pass --trust-checkpoint to use it "
+                "unverified", file=str(self.path / META_FILE))
+        self._verified: set = set()
         m = self.meta
         self.fingerprint: dict = m["fingerprint"]
         self.draws: int = int(m["draws"])
@@ -281,8 +327,8 @@ class RefCache:
                 if not self.shard_path(d, s).is_file()]
 
     def _handle(self, draw: int, shard: int):
-        if self._pid != os.getpid():  # a forked process opens its own
-            self._handles, self._pid = OrderedDict(), os.getpid()
+        if self._pid != os.getpid():  # a forked process opens (and checks) its own
+            self._handles, self._verified, self._pid = OrderedDict(), set(), os.getpid()
         key = (draw, shard)
         h = self._handles.get(key)
         if h is not None:
@@ -291,6 +337,12 @@ class RefCache:
         from safetensors import safe_open
 
         p = self.shard_path(draw, shard)
+        if self.verify and key not in self._verified:  # once per shard per process
+            problem = shard_problem(p)
+            if problem:
+                raise ValueError(f"reference_cache: {problem}; rerun the precompute command "
+                                 "to rewrite it (delete the shard first)")
+            self._verified.add(key)
         try:
             h = safe_open(str(p), framework="pt")
         except Exception as e:  # noqa: BLE001 - SafetensorError is not public everywhere
@@ -346,7 +398,9 @@ def open_for_training(cfg, family: str, dataset, batches_per_epoch: int) -> RefC
     was made for this run and holds every draw the run will use."""
     where = cfg.reference_cache
     try:
-        cache = RefCache(where)
+        cache = RefCache(where, trust=cfg.trust_checkpoint)
+    except UntrustedCheckpointError as e:
+        raise UntrustedCheckpointError(f"reference_cache: {e}", file=e.file) from None
     except ValueError as e:
         raise ValueError(f"reference_cache: {e}") from None
     fp, _ = fingerprint(cfg, family, dataset, known_files=cache.meta.get("files"))
