@@ -94,7 +94,7 @@ class PairDataset(BasePairDataset):
         for lineno, _raw, obj in iter_jsonl(index_path):
             where = f"{index_path}:{lineno}"
             if isinstance(obj, Exception):
-                self._sink.report(where, None, f"invalid JSON ({obj.msg})")
+                self._sink.report(where, None, f"invalid JSON ({getattr(obj, 'msg', obj)})")
                 continue
             reason, rid = self._line_problem(obj)
             if reason is None and rid in seen:

@@ -77,9 +77,16 @@ def find_pair_dirs(pair_lora) -> tuple[Path, Path]:
 
 def load_named_adapter(module, path: Path, name: str, prefix: str) -> None:
     """Load a diffusers LoRA file or a peft adapter dir into ``module`` as ``name``."""
-    from safetensors.torch import load_file
-
     from ..safeload import load_pickled_weights
+
+    def load_file(f: str) -> dict:
+        from safetensors.torch import load_file as read
+
+        try:
+            return read(f)
+        except Exception as e:  # noqa: BLE001 - SafetensorError is not public everywhere
+            raise ValueError(f"pair_lora: {f} is not a readable safetensors file "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():

@@ -90,8 +90,9 @@ def write_checksum(shard: Path, written: Path) -> None:
                                              "bytes": Path(written).stat().st_size})
 
 
-def shard_problem(shard: Path) -> Optional[str]:
-    """Why ``shard`` does not match its checksum file (None when it does)."""
+def shard_problem(shard: Path, *, hash_it: bool = True) -> Optional[str]:
+    """Why ``shard`` does not match its checksum file (None when it does); without
+    ``hash_it`` only its size is compared (no data read)."""
     ck = checksum_path(shard)
     try:
         rec = json.loads(ck.read_text(encoding="utf-8"))
@@ -104,7 +105,7 @@ def shard_problem(shard: Path) -> Optional[str]:
         return f"{shard} is missing"
     if shard.stat().st_size != size:
         return f"{shard} has {shard.stat().st_size} bytes, {size} were written (truncated?)"
-    if sha256_file(shard) != want:
+    if hash_it and sha256_file(shard) != want:
         return f"{shard} does not match its checksum (the file changed after it was written)"
     return None
 
@@ -326,6 +327,27 @@ class RefCache:
         return [self.shard_path(d, s) for d in range(draws) for s in range(self.num_shards())
                 if not self.shard_path(d, s).is_file()]
 
+    def check_headers(self, draws: int) -> None:
+        """Before a run: every shard of draws ``[0, draws)`` has its checksum file and size
+        and a readable header (no data read; the sha256 follows on first read)."""
+        from safetensors import safe_open
+
+        for d in range(draws):
+            for s in range(self.num_shards()):
+                p = self.shard_path(d, s)
+                problem = shard_problem(p, hash_it=False) if self.verify else None
+                if problem is None:
+                    try:
+                        with safe_open(str(p), framework="pt") as f:
+                            missing = [x for x in self.fields if x not in f.keys()]
+                        if missing:
+                            problem = f"{p} has no field {missing[0]!r}"
+                    except Exception as e:  # noqa: BLE001 - SafetensorError is not public
+                        problem = f"cannot read {p} ({e})"
+                if problem:
+                    raise ValueError(f"reference_cache: {problem}; rerun the precompute "
+                                     "command to rewrite it (delete the shard first)")
+
     def _handle(self, draw: int, shard: int):
         if self._pid != os.getpid():  # a forked process opens (and checks) its own
             self._handles, self._verified, self._pid = OrderedDict(), set(), os.getpid()
@@ -420,4 +442,5 @@ def open_for_training(cfg, family: str, dataset, batches_per_epoch: int) -> RefC
     if missing:
         raise ValueError(f"reference_cache: {where} is incomplete ({missing[0]} is missing); "
                          "rerun the precompute command to finish it")
+    cache.check_headers(need)
     return cache
