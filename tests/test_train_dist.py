@@ -59,5 +59,5 @@ def test_two_process_ddp_ranks_agree(tmp_path):
         torch.testing.assert_close(a["weights"][n], b["weights"][n], rtol=0, atol=0)
     # the weights moved, and the main process saved a checkpoint and the LoRA weights
     assert any(v.abs().sum() > 0 for n, v in a["weights"].items() if "lora_B" in n)
-    assert (out / "checkpoints" / "checkpoint-2" / "rng-rank1.pt").is_file()
+    assert (out / "checkpoints" / "checkpoint-2" / "rng-rank1.safetensors").is_file()
     assert (out / "pytorch_lora_weights.safetensors").is_file()
