@@ -226,6 +226,11 @@ def test_cache_of_the_earlier_version_needs_trust(cache_dir, tmp_path, capsys):
     assert_one_line_error(err, str(cache / rc.META_FILE), "--trust-checkpoint")
     code, err = _run(_cached_train(tmp_path, cache, "--trust-checkpoint"), capsys)
     assert code == 0, err
+    code, err = _run(["precompute", "--model", tiny_model("sd15"), "--data", tiny_data("sd15"),
+                      "--out", cache, "--draws", "2", "--mixed-precision", "no", "--device",
+                      "cpu", "--no-progress"], capsys)  # not extended with unverified shards
+    assert code != 0
+    assert_one_line_error(err, f"out: {cache} holds a cache of an earlier version")
 
 
 # ---------------------------------------------------------------------- datasets
