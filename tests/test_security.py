@@ -317,3 +317,15 @@ def test_model_weights_slot(tmp_path, capsys):
     errors = [x for x in err.splitlines() if x.startswith("ddspo-fast: error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
     assert str(model / "unet" / "diffusion_pytorch_model.bin") in errors[0]
+
+
+def test_swapped_dataset_shards_refused_by_train(tmp_path, capsys):
+    d = _copy(Path(tiny_data("sd15", 8)), tmp_path / "data")  # two shards of 4 pairs
+    a, b = d / "shard-00000.safetensors", d / "shard-00001.safetensors"
+    a.rename(d / "x")
+    b.rename(a)
+    (d / "x").rename(b)
+    code, err = _run(["train", "--model", tiny_model("sd15"), "--data", d, "--output-dir",
+                      tmp_path / "out", "--lora-rank", "2", "--max-steps", "1", *TRAIN], capsys)
+    assert code != 0
+    assert_one_line_error(err, f"shard file {a} holds the rows written as {b.name}")
