@@ -191,21 +191,23 @@ def write_state(path, obj) -> None:
     if as_json:
         atomic_write_text(path, json.dumps(doc, allow_nan=False) + "\n")
         return
-    from safetensors.torch import save_file
-
     meta = {"format": STATE_FORMAT, "version": str(STATE_VERSION),
             _TREE_KEY: json.dumps(tree, allow_nan=False)}
+    atomic_write(path, lambda tmp: save_tensors(tmp, tensors, meta))
 
-    def save(tmp: Path) -> None:
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-        except Exception as e:  # SafetensorError is no OSError: keep a full disk one
-            text = str(e).lower()
-            if "os error 28" in text or "no space left" in text:
-                raise OSError(errno.ENOSPC, str(e)) from None
-            raise
 
-    atomic_write(path, save)
+def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, with a full disk reported as the ``OSError`` it is
+    (safetensors raises its own error class, which ``fsio.explain_disk_full`` would miss)."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # noqa: BLE001
+        text = str(e).lower()
+        if "os error 28" in text or "no space left" in text:
+            raise OSError(errno.ENOSPC, str(e)) from None
+        raise
 
 
 def read_state(path) -> Any:

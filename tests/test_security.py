@@ -329,3 +329,18 @@ def test_swapped_dataset_shards_refused_by_train(tmp_path, capsys):
                       tmp_path / "out", "--lora-rank", "2", "--max-steps", "1", *TRAIN], capsys)
     assert code != 0
     assert_one_line_error(err, f"shard file {a} holds the rows written as {b.name}")
+
+
+def test_a_full_disk_while_saving_tensors_is_an_oserror(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left "
+                                          "on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as e:
+        safeload.save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(1)})
+    assert e.value.errno == errno.ENOSPC

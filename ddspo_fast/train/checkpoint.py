@@ -35,7 +35,7 @@ import torch
 
 from ..fsio import (DiskFullError, atomic_write_json, atomic_write_text, explain_disk_full,
                     file_mode, publish_dir, sha256_file)
-from ..safeload import load_trusted_pickle, read_state as read_state_file, write_state
+from ..safeload import load_trusted_pickle, read_state as read_state_file, save_tensors, write_state
 from .errors import CorruptCheckpointError, UntrustedCheckpointError
 
 log = logging.getLogger("ddspo_fast.train")
@@ -160,8 +160,6 @@ def save(output_dir, step: int, accelerator, *, trainable: Callable[[], dict],
     ``trainable`` is called on the main process only (it copies the weights to the CPU);
     every process saves its own ``rng``.
     """
-    from safetensors.torch import save_file
-
     is_main = accelerator.is_main_process
     tmp, dst = tmp_path(output_dir, step), final_path(output_dir, step)
     try:
@@ -173,7 +171,7 @@ def save(output_dir, step: int, accelerator, *, trainable: Callable[[], dict],
         accelerator.wait_for_everyone()
         if is_main:
             with explain_disk_full(tmp / TRAINABLE_FILE):
-                save_file(trainable(), str(tmp / TRAINABLE_FILE))
+                save_tensors(tmp / TRAINABLE_FILE, trainable())
             with explain_disk_full(tmp / OPTIMIZER_FILE):
                 write_state(tmp / OPTIMIZER_FILE, optimizer.state_dict())
             with explain_disk_full(tmp / SCHEDULER_FILE):
