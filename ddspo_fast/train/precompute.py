@@ -58,11 +58,11 @@ class _Frozen:
         # Stored in the autocast dtype, as the trainer stores its frozen copies.
         self.adapter = a = load_adapter(cfg.model, family, components=comps, device=device,
                                         dtype=self.dtype, text_dtype=self.dtype)
+        a.set_train_guidance(cfg.guidance_scale)
         den = a.denoiser.requires_grad_(False).eval()
         if cfg.attention == "xformers":
             den.enable_xformers_memory_efficient_attention()
-        if cfg.channels_last and a.is_unet:
-            den.to(memory_format=torch.channels_last)
+        a.prepare_denoiser(den, channels_last=cfg.channels_last)
         self.den, self.switch = den, None
         if mode == "dd_cpp":
             win, lose = find_pair_dirs(cfg.pair_lora)

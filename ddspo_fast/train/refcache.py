@@ -61,7 +61,9 @@ COMPARED = (
     ("pair_lora", "pair_lora (the winning / losing adapters)"),
     ("data", "data (the dataset's index: ids, prompts, shards)"),
     ("schedule", "model (the noise schedule: scheduler config)"),
+    ("variant", "model (the variant: its denoiser config)"),
     ("timestep_density", "timestep_sampling / logit_mean / logit_std / mode_scale / flow_shift"),
+    ("guidance", "guidance_scale"),
     ("mixing", "rand_cond_prompts / rand_cond_schedule / rand_cond_lambda"),
     ("seed", "seed"), ("precision", "mixed_precision"), ("draws_version", "draws_version"),
 )
@@ -177,6 +179,15 @@ def fingerprint(cfg, family: str, dataset, known_files: Optional[dict] = None
     sched_file = root / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
     sched = {k: v for k, v in sched.items() if not k.startswith("_")}
+    den_file = root / fam.denoiser_name / "config.json"
+    den_cfg = json.loads(den_file.read_text()) if den_file.is_file() else {}
+    # Families with one variant (and SD3's first release) store None, so caches written
+    # before variants were fingerprinted still match.
+    variant = fam.variant_of(den_cfg)
+    variant = None if variant == fam.name else variant
+    guidance = fam.default_train_guidance(den_cfg)
+    if guidance is not None and cfg.guidance_scale is not None:
+        guidance = float(cfg.guidance_scale)
     mix = None
     if mixing:
         mix = {"prompts": hash_files(Path(cfg.rand_cond_prompts).parent,
@@ -184,7 +195,7 @@ def fingerprint(cfg, family: str, dataset, known_files: Optional[dict] = None
                "schedule": cfg.rand_cond_schedule, "lambda": float(cfg.rand_cond_lambda)}
     fp = {"objective": cfg.objective, "pair": mode, "family": family, "model": weights,
           "text_encoders": text, "pair_lora": pair_lora, "data": _data_digest(dataset),
-          "schedule": _digest(sched),
+          "schedule": _digest(sched), "variant": variant, "guidance": guidance,
           "timestep_density": {"scheme": cfg.timestep_sampling or fam.timestep_sampling,
                                "logit_mean": float(cfg.logit_mean),
                                "logit_std": float(cfg.logit_std),
