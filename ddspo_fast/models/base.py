@@ -192,6 +192,15 @@ class FamilyAdapter:
             pipe.vae_scale_factor = self.vae_scale_factor
         return self
 
+    @classmethod
+    def text_dtype_for(cls, run_dtype: torch.dtype, policy: Optional[str] = None) -> torch.dtype:
+        """The text encoders' dtype in a run whose frozen weights are ``run_dtype``:
+        ``policy`` None = the family's official choice (``text_encoder_dtype`` where it
+        has one: SANA's Gemma-2 in bf16), "run" = ``run_dtype`` for every family."""
+        if policy not in (None, "run"):
+            raise ValueError(f"text_encoder_dtype: expected None or 'run', got {policy!r}")
+        return run_dtype if policy == "run" else (cls.text_encoder_dtype or run_dtype)
+
     def _configure(self, **options) -> None:
         """Apply the family's ``options`` (names already checked against ``cls.options``)."""
 

@@ -41,7 +41,7 @@ DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 # change on resume and the new value is applied (and logged).
 RUN_DEFINING = ("model", "data", "family", "objective", "pair", "pair_lora", "beta",
                 "timesteps_per_pair", "loss_weighting", "logit_mean", "logit_std",
-                "loss_type", "timestep_sampling", "mode_scale", "flow_shift", "guidance_scale",
+                "loss_type", "timestep_sampling", "mode_scale", "flow_shift", "guidance_scale", "text_encoder_dtype",
                 "rand_cond_prompts", "rand_cond_lambda", "rand_cond_schedule", "batch_size",
                 "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_targets", "optimizer")
 # Where and how this invocation runs; not compared on resume.
@@ -232,6 +232,12 @@ class TrainConfig:
                                            "the model's scheduler config (SANA 1.0, SD3 3.0; "
                                            "FLUX shifts by resolution only when sampling and "
                                            "trains on the unshifted table).")
+    text_encoder_dtype: Optional[str] = _f(None, "Dtype of the text encoders when prompts are "
+                                                 "encoded during training. None = the official "
+                                                 "code's (SANA: Gemma-2 in bf16; others: the "
+                                                 "frozen-weight dtype); 'run' = the frozen-weight "
+                                                 "dtype for every family.",
+                                           choices=(None, "run"))
     guidance_scale: Optional[float] = _f(None, "Guidance-distilled models (FLUX.1 [dev]): the "
                                                "guidance value fed to the denoiser in training. "
                                                "None = diffusers' DreamBooth script default 3.5; "
@@ -292,6 +298,8 @@ class TrainConfig:
             raise bad("mode_scale", "a finite number")
         if self.flow_shift is not None and (not is_num(self.flow_shift) or self.flow_shift <= 0):
             raise bad("flow_shift", "None or a finite number > 0")
+        if self.text_encoder_dtype not in (None, "run"):
+            raise bad("text_encoder_dtype", "None or 'run'")
         if self.guidance_scale is not None and (not is_num(self.guidance_scale)
                                                 or self.guidance_scale < 0):
             raise bad("guidance_scale", "None or a finite number >= 0")

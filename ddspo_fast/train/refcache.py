@@ -26,9 +26,10 @@ can be added to a cache later.
 
 The fingerprint names everything that changes the stored values: the frozen weights
 (sha256 of the denoiser's files, the text encoders' when prompts are encoded, the pair
-adapters' for DD-CPP), the data index, objective and pair mode, the family's schedule and
-timestep density, the mixing pool and schedule, the seed, the precision and the draw
-scheme's version. A run whose settings differ is refused, naming the setting.
+adapters' for DD-CPP), the data index, objective and pair mode, the family's schedule,
+model variant and timestep density, the training guidance (FLUX.1 [dev]), the mixing pool
+and schedule, the seed, the precision (and the text encoders' dtype where the family fixes
+its own) and the draw scheme's version. A run whose settings differ is refused, naming the setting.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ COMPARED = (
     ("timestep_density", "timestep_sampling / logit_mean / logit_std / mode_scale / flow_shift"),
     ("guidance", "guidance_scale"),
     ("mixing", "rand_cond_prompts / rand_cond_schedule / rand_cond_lambda"),
-    ("seed", "seed"), ("precision", "mixed_precision"), ("draws_version", "draws_version"),
+    ("seed", "seed"), ("precision", "mixed_precision"),
+    ("text_dtype", "text_encoder_dtype (the dtype prompts are encoded in)"),
+    ("draws_version", "draws_version"),
 )
 
 
@@ -202,8 +205,19 @@ def fingerprint(cfg, family: str, dataset, known_files: Optional[dict] = None
                                "mode_scale": float(cfg.mode_scale),
                                "shift": None if cfg.flow_shift is None else float(cfg.flow_shift)},
           "mixing": mix, "seed": int(cfg.seed), "precision": cfg.mixed_precision,
+          "text_dtype": _text_dtype(fam, cfg, text is not None),
           "draws_version": DRAWS_VERSION}
     return fp, files
+
+
+def _text_dtype(fam, cfg, encodes: bool) -> Optional[str]:
+    """The text encoders' dtype where it is not the run's own (SANA's bf16 Gemma-2), else
+    None (so caches fingerprinted before this field existed still match)."""
+    run = DTYPES.get(DEFAULT_DTYPE.get(cfg.mixed_precision, ""))
+    if not encodes or run is None:
+        return None
+    dtype = fam.text_dtype_for(run, cfg.text_encoder_dtype)
+    return None if dtype == run else str(dtype).replace("torch.", "")
 
 
 def _show(v) -> str:

@@ -182,7 +182,7 @@ class Trainer:
                                             policy_only=self.ref_cache is not None)
 
     def _setup_models(self) -> None:
-        from ..models import load_adapter
+        from ..models import get_family, load_adapter
 
         cfg = self.config
         lora = cfg.lora_rank is not None
@@ -192,7 +192,8 @@ class Trainer:
         self.adapter = a = load_adapter(cfg.model, self.family, components=comps,
                                         device=self.device,
                                         dtype=self.weight_dtype if lora else torch.float32,
-                                        text_dtype=self.weight_dtype)
+                                        text_dtype=get_family(self.family).text_dtype_for(
+                                            self.weight_dtype, cfg.text_encoder_dtype))
         if cfg.timestep_sampling is not None and cfg.timestep_sampling not in a.timestep_schemes():
             raise ValueError(f"timestep_sampling: expected one of {a.timestep_schemes()} for "
                              f"{self.family}, got {cfg.timestep_sampling!r}")
