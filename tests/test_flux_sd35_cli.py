@@ -115,3 +115,29 @@ def test_precomputed_cache_trains_as_the_live_reference(name, tmp_path, capsys):
                          str(tmp_path / "other"), *TRAIN, "--lora-rank", "4",
                          "--guidance-scale", "1.0", "--reference-cache", str(cache)]) != 0
         assert "guidance_scale differs" in capsys.readouterr().err
+
+
+def test_encoded_image_pairs_train_flux(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    model = tiny_model("flux")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, prompt in enumerate(["a red car on the street", "a photo of a cat"]):
+        for side in ("w", "l"):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                tmp_path / f"{i}{side}.png")
+        lines.append(json.dumps({"prompt": prompt, "image_w": f"{i}w.png", "image_l": f"{i}l.png"}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    base = ["encode", "--model", model, "--pairs", str(tmp_path / "pairs.jsonl"), "--device",
+            "cpu", "--no-progress", "--degrade", "random"]
+    # FLUX packs 2x2 latents: sides must be multiples of twice the VAE's downscale
+    assert cli.main(base + ["--out", str(tmp_path / "bad"), "--resolution", "18"]) != 0
+    assert "multiples of 4" in capsys.readouterr().err
+    ds = tmp_path / "ds"
+    assert cli.main(base + ["--out", str(ds)]) == 0
+    data = open_dataset(ds, validate=True)
+    assert tuple(data.latent_shape) == tuple(load_adapter(model, components=()).latent_shape())
+    metrics = _train(model, ds, tmp_path / "run", "ddspo", 4, "--max-steps", "1")
+    assert metrics[-1]["step"] == 1
