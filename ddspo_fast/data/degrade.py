@@ -15,9 +15,9 @@ Each prompt gets up to ``variants`` distinct degraded versions, none equal to th
 original, from at most ``tries`` draws: ``random`` draws 5 times per prompt as the
 official random_removal.py does (so a short prompt can yield fewer distinct variants);
 ``structural`` draws up to max(40, 20 x variants) times. ``tries=N`` sets the number
-for either method (the earlier random default was max(40, 20 x variants)). For the rule-based methods randomness is seeded per prompt from ``(seed,
-method, prompt)``, so the output for a prompt does not depend on the other prompts or
-their order. Prompts that cannot be degraded are returned in ``DegradeResult.skipped``
+for either method (the earlier random default was max(40, 20 x variants)). For the
+rule-based methods randomness is seeded per prompt from ``(seed, method, prompt)``, so
+the output for a prompt does not depend on the other prompts or their order. Prompts that cannot be degraded are returned in ``DegradeResult.skipped``
 with a reason.
 """
 

@@ -41,7 +41,8 @@ DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 # change on resume and the new value is applied (and logged).
 RUN_DEFINING = ("model", "data", "family", "objective", "pair", "pair_lora", "beta",
                 "timesteps_per_pair", "loss_weighting", "logit_mean", "logit_std",
-                "loss_type", "timestep_sampling", "mode_scale", "flow_shift", "guidance_scale", "text_encoder_dtype",
+                "loss_type", "timestep_sampling", "mode_scale", "flow_shift", "guidance_scale",
+                "text_encoder_dtype",
                 "rand_cond_prompts", "rand_cond_lambda", "rand_cond_schedule", "batch_size",
                 "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_targets", "optimizer")
 # Where and how this invocation runs; not compared on resume.
@@ -223,8 +224,9 @@ class TrainConfig:
     timestep_sampling: Optional[str] = _f(
         None, "How training timesteps are drawn. None = the family's official default "
               "(uniform for SD1.x, SDXL, SANA and FLUX; logit_normal for SD3 / SD3.5). Flow "
-              "families (SD3, SANA, FLUX): uniform | logit_normal | mode | cosmap (cosmap draws uniformly, as the "
-              "official code, which uses it as a loss weighting it never applies). DDPM "
+              "families (SD3, SANA, FLUX): uniform | logit_normal | mode | cosmap (cosmap "
+              "draws uniformly, as the official code, which uses it as a loss weighting it "
+              "never applies). DDPM "
               "families (SD1.x, SDXL): uniform | linear | sigmoid.",
         choices=TIMESTEP_SCHEMES)
     mode_scale: float = _f(1.29, "timestep_sampling='mode': the mode scale (the scripts' default).")
