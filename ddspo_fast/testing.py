@@ -8,6 +8,10 @@ nothing is ever downloaded. A tiny pipeline loads with the ordinary
     from ddspo_fast.testing import make_tiny_model, make_tiny_dataset
     model = make_tiny_model("sd15", "/tmp/tiny-sd15")
     data = make_tiny_dataset(model, "/tmp/tiny-data", n_pairs=8, seed=0)
+
+``TINY_MODELS`` names every tiny model: one per family (its name) and one per further
+variant ("flux" is FLUX.1 [dev], "flux-schnell"; "sd35" is SD3.5-medium's structure,
+"sd35-large").
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd15", "sdxl", "sd3", "sana")
+from .models import family_names
+
+FAMILIES = family_names()
 
 # A few words so tokenizers have merges that actually fire on test prompts.
 _WORDS = ("a", "the", "photo", "of", "cat", "dog", "red", "blue", "on", "in", "with",
@@ -209,6 +215,49 @@ def _build_sd3():
                                     tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3)
 
 
+def _build_sd35(medium: bool):
+    pipe = _build_sd3()
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    # SD3.5: RMS-normalised q/k; medium adds a second (image-only) attention to its
+    # first blocks (dual_attention_layers).
+    pipe.transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+        qk_norm="rms_norm", dual_attention_layers=(0,) if medium else ())
+    pipe.register_modules(transformer=pipe.transformer)
+    return pipe
+
+
+def _build_flux(dev: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tok, tok2 = _clip_tokenizer(), _t5_tokenizer()
+    te = _clip_text("CLIPTextModel", len(tok), 32, 32, seed=1)
+    torch.manual_seed(4)
+    te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=64,
+                                  num_layers=2, num_heads=4, decoder_start_token_id=0,
+                                  relative_attention_num_buckets=8))
+    torch.manual_seed(0)
+    # 4 latent channels packed 2x2 -> 16; rope axes sum to the head dim (FLUX: 16+56+56).
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=dev, axes_dims_rope=(2, 2, 4))
+    torch.manual_seed(2)
+    # FLUX's VAE: shift and scaling factor, no quant convs.
+    vae = _sd_vae(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                  use_post_quant_conv=False)
+    sched = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
+                        text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer)
+
+
 def _build_sana():
     from diffusers import (AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline,
                            SanaTransformer2DModel)
@@ -241,11 +290,21 @@ def _build_sana():
                         scheduler=sched)
 
 
-_BUILDERS = {"sd15": _build_sd15, "sdxl": _build_sdxl, "sd3": _build_sd3, "sana": _build_sana}
+# tiny model name -> (family, builder)
+TINY_MODELS = {
+    "sd15": ("sd15", _build_sd15), "sdxl": ("sdxl", _build_sdxl), "sd3": ("sd3", _build_sd3),
+    "sana": ("sana", _build_sana),
+    "flux": ("flux", lambda: _build_flux(dev=True)),
+    "flux-schnell": ("flux", lambda: _build_flux(dev=False)),
+    "sd35": ("sd3", lambda: _build_sd35(medium=True)),
+    "sd35-large": ("sd3", lambda: _build_sd35(medium=False)),
+}
+_BUILDERS = {name: build for name, (_, build) in TINY_MODELS.items()}
 
 
 def make_tiny_model(family: str, path: str | os.PathLike) -> str:
-    """Write a tiny randomly initialised diffusers pipeline of ``family`` to ``path``.
+    """Write the tiny randomly initialised diffusers pipeline ``family`` (a name of
+    ``TINY_MODELS``: a family, or a variant such as "flux-schnell") to ``path``.
 
     Deterministic (fixed seeds), written atomically (temp dir, then rename; an
     existing complete pipeline at ``path`` is reused). Returns ``str(path)``.

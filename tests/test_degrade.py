@@ -235,3 +235,18 @@ def test_long_prompts_are_degraded_inside_the_text_encoder_window():
     short = "a cat " + " ".join(["x"] * 200)
     assert degrade_prompts([short], method="random", window=window).records[0]["neg_prompts"][0].endswith(
         window.split(short)[1])
+
+
+def test_random_tries_five_draws_per_prompt_as_the_official_script():
+    from ddspo_fast.data.degrade import degrade_prompt
+
+    prompts = [f"a red car number {i} parked near the old blue house" for i in range(10)]
+    official = [len(degrade_prompt(p, "random", variants=10, seed=0)) for p in prompts]
+    many = [len(degrade_prompt(p, "random", variants=10, seed=0, tries=200)) for p in prompts]
+    assert max(official) <= 5 and min(many) == 10  # 5 draws cap the distinct variants
+    # the first draws are the same either way: the option only adds draws
+    for p in prompts:
+        assert degrade_prompt(p, "random", variants=3, seed=0, tries=200)[:1] == \
+            degrade_prompt(p, "random", variants=3, seed=0)[:1]
+    with pytest.raises(ValueError, match="tries"):
+        degrade_prompt(prompts[0], "random", tries=0)

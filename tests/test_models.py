@@ -32,7 +32,7 @@ def test_detect_and_cond_keys(family):
 
 
 def test_get_family_and_detect_errors(tmp_path):
-    assert set(FAMILIES) == set(ALL)
+    assert set(FAMILIES) == set(ALL) | {"flux"}
     with pytest.raises(ValueError, match="family"):
         get_family("sd2")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
@@ -412,3 +412,103 @@ def test_loading_prints_no_bars_or_cast_warnings(capfd, diffusers_warnings):
     for noise in ("Loading pipeline components", "Loading weights", "kept in float32",
                   "requires torchvision"):
         assert noise not in err
+
+
+# ------------------------------------------------------------------ registry, variants, hooks
+def test_registry_is_the_one_family_list():
+    from ddspo_fast import testing
+    from ddspo_fast.models import FluxAdapter, register_family
+    from ddspo_fast.models.base import FamilyAdapter
+    from ddspo_fast.train import TrainConfig
+    from ddspo_fast.train import config as config_mod
+
+    assert config_mod.FAMILIES == testing.FAMILIES == tuple(FAMILIES)
+    assert {fam for fam, _ in testing.TINY_MODELS.values()} == set(FAMILIES)
+    with pytest.raises(TypeError, match="must define dpo_target"):
+        type("NoTarget", (FamilyAdapter,), {"name": "nt", "flow": True})
+    with pytest.raises(ValueError, match="already registered"):
+        register_family(type("Other", (FluxAdapter,), {"name": "flux"}))
+
+    class Mine(FluxAdapter):
+        name = "mine"
+
+    register_family(Mine)
+    try:
+        assert get_family("mine") is Mine
+        assert TrainConfig(model="m", data="d", family="mine").family == "mine"
+    finally:
+        del FAMILIES["mine"]
+    with pytest.raises(ValueError, match="family"):
+        TrainConfig(model="m", data="d", family="mine")
+
+
+@pytest.mark.parametrize("name,family,described,steps_cfg", [
+    ("flux", "flux", "flux (FLUX.1 [dev])", (28, 3.5)),
+    ("flux-schnell", "flux", "flux (FLUX.1 [schnell])", (4, 0.0)),
+    ("sd35", "sd3", "sd3 (sd3.5-medium)", (25, 5.0)),
+    ("sd35-large", "sd3", "sd3 (sd3.5-large)", (25, 5.0)),
+    ("sd3", "sd3", "sd3", (25, 5.0)),
+])
+def test_variants_are_read_from_the_denoiser_config(name, family, described, steps_cfg):
+    path = tiny_model(name)
+    assert detect_family(path) == family
+    a = load_adapter(path, components=())  # no weights: configs only
+    assert a.describe() == described and (a.default_steps, a.default_cfg) == steps_cfg
+
+
+def test_flux_layout_hooks_and_schedule():
+    a = load_adapter(tiny_model("flux"), components=("vae",))
+    from diffusers import FluxPipeline
+
+    x = torch.randn(2, *a.latent_shape())
+    b, c, h, w = x.shape
+    packed = a.pack_latents(x)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(x, b, c, h, w), rtol=0, atol=0)
+    assert torch.equal(a.unpack_latents(packed, x.shape), x)
+    torch.testing.assert_close(a.image_ids(h, w, "cpu", torch.float32),
+                               FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu",
+                                                                      torch.float32))
+    assert a.pixel_multiple == 2 * a.vae_scale_factor
+    # VAE normalisation: shift then scale, and back
+    z = torch.randn(2, c, h, w)
+    torch.testing.assert_close(a.vae_to_latents(z), (z - 0.1159) * 0.3611)
+    torch.testing.assert_close(a.latents_to_vae(a.vae_to_latents(z)), z)
+    # dynamic shifting: the sampler's mu from the token count; training's table unshifted
+    sched = a.noise_schedule()
+    assert sched["kind"] == "flow_dynamic" and sched["max_image_seq_len"] == 4096
+    assert a.dynamic_shift_mu(256) == pytest.approx(0.5)
+    assert a.dynamic_shift_mu(4096) == pytest.approx(1.15)
+    t = a.sample_timesteps(4096, device="cpu", generator=torch.Generator().manual_seed(0))
+    # unshifted: t = 1..1000 evenly (a shift of 3 would crowd them near 1000)
+    assert (t - t.round()).abs().max() < 1e-3 and t.min() >= 0.999 and t.max() <= 1000
+    assert 0.45 < (t < 500).float().mean() < 0.55
+    assert a.noise_schedule(shift=3.0) == {"kind": "flow_static", "shift": 3.0}
+    assert load_adapter(tiny_model("sd15"), components=()).noise_schedule() == {"kind": "ddpm"}
+
+
+def test_per_channel_vae_statistics(tmp_path):
+    import shutil
+
+    src = tiny_model("sd15")
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    cfg_file = dst / "vae" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0])
+    cfg_file.write_text(json.dumps(cfg))
+    a = load_adapter(str(dst), components=())
+    z = torch.randn(2, 4, 8, 8)
+    mean = torch.tensor(cfg["latents_mean"]).view(1, 4, 1, 1)
+    std = torch.tensor(cfg["latents_std"]).view(1, 4, 1, 1)
+    want = (z - mean) * cfg["scaling_factor"] / std  # as diffusers' SDXL pipelines apply them
+    torch.testing.assert_close(a.vae_to_latents(z), want)
+    torch.testing.assert_close(a.latents_to_vae(want), z)
+
+
+def test_text_encoder_dtype_policy():
+    sana, sd15 = get_family("sana"), get_family("sd15")
+    assert sana.text_dtype_for(torch.float32) == torch.bfloat16  # official Gemma-2 dtype
+    assert sana.text_dtype_for(torch.float32, "run") == torch.float32
+    assert sd15.text_dtype_for(torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="text_encoder_dtype"):
+        sd15.text_dtype_for(torch.float16, "bf16")

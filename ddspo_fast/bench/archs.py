@@ -47,6 +47,13 @@ _SD3_VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512
             "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}
 _DCAE = {"_class_name": "AutoencoderDC", "latent_channels": 32, "scaling_factor": 0.41407,
          "encoder_block_out_channels": [128, 256, 512, 512, 1024, 1024]}  # f32: 2^(6-1)
+# FLUX.1's scheduler shifts by resolution when sampling; training uses the unshifted table.
+_FLUX_FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+              "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+              "base_image_seq_len": 256, "max_image_seq_len": 4096}
+_FLUX_VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
+             "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+             "sample_size": 1024, "use_quant_conv": False, "use_post_quant_conv": False}
 _F16, _I64 = torch.float16, torch.int64
 
 # Published architectures (diffusers configs of the released checkpoints).
@@ -87,6 +94,30 @@ REAL = {
         (32, 32, 32), {"prompt_embeds": ((300, 2304), _F16), "prompt_attention_mask": ((300,), _I64)},
         _FLOW, _DCAE, "SanaPipeline", default_batch=4,
         notes="SANA-600M linear-attention DiT, 1024 px (DC-AE f32), 0.59 B params"),
+    "flux": Spec("flux", "FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        (16, 128, 128), {"prompt_embeds": ((512, 4096), _F16), "pooled_prompt_embeds": ((768,), _F16)},
+        _FLUX_FLOW, _FLUX_VAE, "FluxPipeline", default_batch=1,
+        notes="FLUX.1 [dev] MMDiT, 19 double + 38 single blocks, 1024 px, 512 T5 tokens"),
+    "sd35-large": Spec("sd3", "SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+        attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+        caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+        qk_norm="rms_norm"),
+        (16, 128, 128), {"prompt_embeds": ((154, 4096), _F16), "pooled_prompt_embeds": ((2048,), _F16)},
+        _FLOW, _SD3_VAE, "StableDiffusion3Pipeline", default_batch=1,
+        notes="SD3.5-large MMDiT (qk RMS norm), 1024 px, 77 CLIP + 77 T5 tokens"),
+    "sd35-medium": Spec("sd3", "SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+        qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+        (16, 128, 128), {"prompt_embeds": ((154, 4096), _F16), "pooled_prompt_embeds": ((2048,), _F16)},
+        _FLOW, _SD3_VAE, "StableDiffusion3Pipeline", default_batch=2,
+        notes="SD3.5-medium MMDiT-X (dual attention in blocks 0-12), 1024 px, 77 CLIP + 77 T5 "
+              "tokens"),
 }
 
 # Small versions with the same structure. Batch 8 keeps a CPU step compute-bound: at
@@ -121,6 +152,27 @@ TINY = {
         cross_attention_dim=64, caption_channels=32, mlp_ratio=2.5, sample_size=16, patch_size=1),
         (4, 16, 16), {"prompt_embeds": ((16, 32), _F16), "prompt_attention_mask": ((16,), _I64)},
         _FLOW, _DCAE, "SanaPipeline", default_batch=8, lora_rank=8),
+    "flux": Spec("flux", "FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+        (4, 16, 16), {"prompt_embeds": ((16, 32), _F16), "pooled_prompt_embeds": ((32,), _F16)},
+        _FLUX_FLOW, dict(_FLUX_VAE, latent_channels=4, sample_size=128), "FluxPipeline",
+        default_batch=8, lora_rank=8),
+    "sd35-large": Spec("sd3", "SD3Transformer2DModel", dict(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+        caption_projection_dim=64, pooled_projection_dim=32, pos_embed_max_size=32,
+        qk_norm="rms_norm"),
+        (4, 16, 16), {"prompt_embeds": ((16, 32), _F16), "pooled_prompt_embeds": ((32,), _F16)},
+        _FLOW, _SD3_VAE, "StableDiffusion3Pipeline", default_batch=8, lora_rank=8),
+    "sd35-medium": Spec("sd3", "SD3Transformer2DModel", dict(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+        caption_projection_dim=64, pooled_projection_dim=32, pos_embed_max_size=32,
+        qk_norm="rms_norm", dual_attention_layers=(0,)),
+        (4, 16, 16), {"prompt_embeds": ((16, 32), _F16), "pooled_prompt_embeds": ((32,), _F16)},
+        _FLOW, _SD3_VAE, "StableDiffusion3Pipeline", default_batch=8, lora_rank=8),
 }
 
 

@@ -24,6 +24,10 @@ def add_arguments(p) -> None:
     p.add_argument("--variants", type=positive_int("--variants"), default=1, metavar="N",
                    help="up to N distinct degraded prompts per prompt (default: 1)")
     p.add_argument("--seed", type=integer("--seed"), default=0, metavar="S", help="random seed (default: 0)")
+    p.add_argument("--tries", type=positive_int("--tries"), default=None, metavar="N",
+                   help="draws per prompt of random / structural (default: 5 for random, as the official "
+                        "random_removal.py, so short prompts may get fewer than --variants; "
+                        "max(40, 20 x variants) for structural)")
     p.add_argument("--show-skipped", type=integer("--show-skipped"), default=10, metavar="K",
                    help="list at most K skipped prompts on stderr (default: 10)")
     _add_llm_arguments(p)
@@ -37,7 +41,7 @@ def run(args) -> int:
     if Path(args.out).resolve() == Path(args.prompts).resolve():
         raise CLIError("argument --out: refusing to overwrite the input prompts file")
     result = degrade_file(args.prompts, args.out, method=args.method, variants=args.variants, seed=args.seed,
-                          **_degrade_options(args))
+                          tries=args.tries, **_degrade_options(args))
     if not result.records and not result.skipped:
         raise CLIError(f"argument PROMPTS: no prompts found in {args.prompts}")
     for rec in result.skipped[: args.show_skipped]:

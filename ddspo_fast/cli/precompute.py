@@ -32,7 +32,7 @@ _CONFIG_FLAGS = {
     "mixed_precision": "--mixed-precision", "device": "--device",
     "rand_cond_prompts": "--rand-cond-prompts", "rand_cond_schedule": "--rand-cond-schedule",
     "rand_cond_lambda": "--rand-cond-lambda", "logit_mean": "--logit-mean",
-    "logit_std": "--logit-std", "attention": "--attention",
+    "logit_std": "--logit-std", "attention": "--attention", "guidance_scale": "--guidance-scale",
 }
 _OWN_FLAGS = {"out": "--out", "draws": "--draws", "dtype": "--dtype", "batch_size": "--batch-size",
               "pairs_per_shard": "--pairs-per-shard"}
@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on CPU); keep it when resuming for a bit-identical cache")
     p.add_argument("--pairs-per-shard", type=int, metavar="N",
                    help="pairs per shard file (default: about 256 MiB per shard)")
-    p.add_argument("--family", choices=("sd15", "sdxl", "sd3", "sana"))
+    p.add_argument("--family", help="model family, one of the registered families (default: "
+                                    "detected from the model)")
     p.add_argument("--device", help="device (default: accelerate's choice)")
     p.add_argument("--rand-cond-prompts", metavar="FILE.jsonl",
                    help="random-condition mixing pool, as in training")
@@ -72,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logit-mean", type=float, help="flow models' timestep density, as in training")
     p.add_argument("--logit-std", type=float)
     p.add_argument("--attention", choices=("sdpa", "xformers"))
+    p.add_argument("--guidance-scale", type=float,
+                   help="FLUX.1 [dev]: the guidance value of training (default 3.5, as in training)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -12,9 +12,12 @@ Three methods:
   its important words (:mod:`ddspo_fast.data.degrade_llm`); every output is validated.
 
 Each prompt gets up to ``variants`` distinct degraded versions, none equal to the
-original. For the rule-based methods randomness is seeded per prompt from ``(seed,
-method, prompt)``, so the output for a prompt does not depend on the other prompts or
-their order. Prompts that cannot be degraded are returned in ``DegradeResult.skipped``
+original, from at most ``tries`` draws: ``random`` draws 5 times per prompt as the
+official random_removal.py does (so a short prompt can yield fewer distinct variants);
+``structural`` draws up to max(40, 20 x variants) times. ``tries=N`` sets the number
+for either method (the earlier random default was max(40, 20 x variants)). For the
+rule-based methods randomness is seeded per prompt from ``(seed, method, prompt)``, so
+the output for a prompt does not depend on the other prompts or their order. Prompts that cannot be degraded are returned in ``DegradeResult.skipped``
 with a reason.
 """
 
@@ -374,8 +377,16 @@ def _structural_variant(prompt: str, rng: random.Random) -> str:
 # --------------------------------------------------------------------------- API
 
 
+OFFICIAL_RANDOM_TRIES = 5  # KU-MIIL/DDSPO data_prep/random_removal.py
+
+
+def default_tries(method: str, variants: int) -> int:
+    """Draws per prompt when ``tries`` is not given: the official 5 for ``random``."""
+    return OFFICIAL_RANDOM_TRIES if method == "random" else max(40, 20 * variants)
+
+
 def degrade_prompt(prompt: str, method: str = "random", variants: int = 1, seed: int = 0,
-                   *, window=None) -> List[str]:
+                   *, window=None, tries: Optional[int] = None) -> List[str]:
     """Up to ``variants`` distinct degraded versions of one prompt.
 
     ``window`` (a :class:`~ddspo_fast.data.token_window.TokenWindow`): only the part of
@@ -383,7 +394,7 @@ def degrade_prompt(prompt: str, method: str = "random", variants: int = 1, seed:
     change is never lost to truncation (for ``random`` the 40-70% then counts the visible
     words). Raises :class:`CannotDegrade` (with the reason) when there is no variant.
     """
-    _check_args(method, variants, seed)
+    _check_args(method, variants, seed, tries)
     if method not in RULE_METHODS:
         raise ValueError(f"method {method!r}: degrade_prompt runs the rule-based methods "
                          f"{RULE_METHODS}; use degrade_prompts(..., method='llm', llm=...)")
@@ -396,8 +407,7 @@ def degrade_prompt(prompt: str, method: str = "random", variants: int = 1, seed:
     rng = _rng(seed, method, prompt)
     seen = {_norm(head)}
     out: List[str] = []
-    attempts = max(40, 20 * variants)
-    for _ in range(attempts):
+    for _ in range(tries or default_tries(method, variants)):
         try:
             cand = make(head, rng)
         except (_Retry, IndexError):
@@ -415,7 +425,9 @@ def degrade_prompt(prompt: str, method: str = "random", variants: int = 1, seed:
     return out
 
 
-def _check_args(method, variants, seed) -> None:
+def _check_args(method, variants, seed, tries=None) -> None:
+    if tries is not None and (isinstance(tries, bool) or not isinstance(tries, int) or tries < 1):
+        raise ValueError(f"tries must be None or an int >= 1, got {tries!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if isinstance(variants, bool) or not isinstance(variants, int) or variants < 1:
@@ -444,16 +456,17 @@ def _as_items(prompts: Iterable[PromptLike]) -> List[Tuple[str, object]]:
 
 def degrade_prompts(
     prompts: Iterable[PromptLike], method: str = "random", variants: int = 1, seed: int = 0,
-    *, window=None, llm=None,
+    *, window=None, llm=None, tries: Optional[int] = None,
 ) -> DegradeResult:
     """Degrade each prompt; see the module docstring.
 
     ``prompts``: strings, or dicts with ``prompt`` (and optionally ``id``). Ids default
     to the prompt's position, zero-padded (``"000042"``). ``window``: see
     :func:`degrade_prompt`. ``llm``: a :class:`~ddspo_fast.data.degrade_llm.LLMDegrader`,
-    required by (and only used with) ``method="llm"``.
+    required by (and only used with) ``method="llm"``. ``tries``: draws per prompt of the
+    rule-based methods (see :func:`degrade_prompt`).
     """
-    _check_args(method, variants, seed)
+    _check_args(method, variants, seed, tries)
     if method == "llm":
         if llm is None:
             raise ValueError("method 'llm' needs llm=LLMDegrader.from_pretrained(MODEL_DIR) "
@@ -467,7 +480,7 @@ def degrade_prompts(
     for pid, text in _as_items(prompts):
         try:
             negs = degrade_prompt(text, method=method, variants=variants, seed=seed,  # type: ignore[arg-type]
-                                  window=window)
+                                  window=window, tries=tries)
         except CannotDegrade as e:
             result.skipped.append({"id": pid, "prompt": text, "reason": str(e)})
             continue
@@ -523,10 +536,10 @@ def _text_lines(path: Path) -> List[str]:
 
 
 def degrade_file(path, out, *, method: str = "random", variants: int = 1, seed: int = 0,
-                 window=None, llm=None) -> DegradeResult:
+                 window=None, llm=None, tries: Optional[int] = None) -> DegradeResult:
     """Read prompts from ``path``, degrade them, write JSONL to ``out`` atomically."""
-    _check_args(method, variants, seed)
+    _check_args(method, variants, seed, tries)
     result = degrade_prompts(read_prompts(path), method=method, variants=variants, seed=seed,
-                             window=window, llm=llm)
+                             window=window, llm=llm, tries=tries)
     atomic_write_jsonl(Path(out), result.records)
     return result

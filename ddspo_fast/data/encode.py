@@ -71,10 +71,11 @@ def _resolution(value, adapter) -> Tuple[int, int]:
         hw = tuple(value)
     else:
         raise ValueError(f"resolution: expected an int or (height, width), got {value!r}")
-    f = adapter.vae_scale_factor
+    f = adapter.pixel_multiple
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % f == 0 for v in hw):
         raise ValueError(f"resolution: expected positive multiples of {f} (the VAE's downsampling "
-                         f"factor), got {value!r}")
+                         f"factor{' x the 2x2 packing' if f != adapter.vae_scale_factor else ''}), "
+                         f"got {value!r}")
     return int(hw[0]), int(hw[1])
 
 

@@ -119,6 +119,6 @@ def vae_encode(adapter, pixels: torch.Tensor, *, mode: str = "sample",
 
 def family_resolution(adapter) -> Tuple[int, int]:
     """(height, width) in pixels of the family's native-resolution latents."""
-    _, h, w = adapter.latent_shape()
+    h, w = adapter.latent_shape()[-2:]
     f = adapter.vae_scale_factor
     return h * f, w * f

@@ -157,7 +157,8 @@ def prepare_dataset(model, prompts, out, *, steps: int | None = None, cfg: float
         out: dataset directory (created; an existing one is resumed: ids already written
             are skipped, so a killed run continues where it stopped).
         steps, cfg: sampling steps and guidance scale (default: the family's: SD1.x 25 /
-            7.5, SDXL Euler 25 / 5.0, SD3 25 / 5.0, SANA 20 / 4.5).
+            7.5, SDXL Euler 25 / 5.0, SD3 and SD3.5 25 / 5.0, SANA 20 / 4.5, FLUX.1 [dev]
+            28 / 3.5, FLUX.1 [schnell] 4 / 0).
         batch_size: pairs per pipeline call (each call samples 2 * batch_size images).
         seed: base seed; each pair's seed and degraded prompt derive from (seed, id).
         family: model family (detected from the model when None).

@@ -4,6 +4,10 @@
     cls = get_family("sdxl")                 # the adapter class
     fam = detect_family("/models/sdxl")      # "sdxl", from model_index.json
     adapter = load_adapter("/models/sdxl", components=("denoiser", "text"))
+
+``FAMILIES`` is the one registry of families: the config's choices, the precompute CLI,
+the tiny models of ``testing`` and every other family list derive from it. A family
+defined elsewhere (a test, a plugin) joins with ``register_family(cls)``.
 """
 
 from __future__ import annotations
@@ -13,17 +17,37 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from .base import FamilyAdapter, read_model_index
+from .flux import FluxAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .sd15 import SD15Adapter
 from .sdxl import SDXLAdapter
 
-FAMILIES: dict[str, type[FamilyAdapter]] = {
-    "sd15": SD15Adapter, "sdxl": SDXLAdapter, "sd3": SD3Adapter, "sana": SanaAdapter,
-}
+FAMILIES: dict[str, type[FamilyAdapter]] = {}
 
 __all__ = ["FAMILIES", "FamilyAdapter", "get_family", "detect_family", "family_of_pipeline",
-           "load_adapter", "SD15Adapter", "SDXLAdapter", "SD3Adapter", "SanaAdapter"]
+           "load_adapter", "register_family", "family_names", "SD15Adapter", "SDXLAdapter",
+           "SD3Adapter", "SanaAdapter", "FluxAdapter"]
+
+
+def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Add an adapter class to ``FAMILIES`` under ``cls.name`` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, FamilyAdapter)) or not cls.name:
+        raise ValueError(f"family: expected a named FamilyAdapter subclass, got {cls!r}")
+    if FAMILIES.get(cls.name, cls) is not cls:
+        raise ValueError(f"family: {cls.name!r} is already registered "
+                         f"({FAMILIES[cls.name].__name__})")
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+for _cls in (SD15Adapter, SDXLAdapter, SD3Adapter, SanaAdapter, FluxAdapter):
+    register_family(_cls)
+
+
+def family_names() -> tuple[str, ...]:
+    """The registered family names, in registration order."""
+    return tuple(FAMILIES)
 
 
 def get_family(name: str) -> type[FamilyAdapter]:

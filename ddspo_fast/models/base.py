@@ -7,13 +7,21 @@ Diffusion-DPO target is, how the denoiser is called and what its default sampler
 
 Conventions shared with the trainer:
 
-* Latents are in the denoiser's space (after VAE ``scaling_factor`` / ``shift_factor``),
-  exactly what ``pipeline(..., output_type="latent")`` returns.
+* Latents are in the denoiser's space (after the VAE normalisation, ``vae_to_latents``:
+  shift and scaling factor, or per-channel mean / std where the VAE config has them),
+  stored unpacked with the shape ``latent_shape()`` (any rank; (C, H, W) for the image
+  families here). A family whose denoiser takes another layout (FLUX: 2x2 patches as
+  tokens) converts in ``pack_latents`` / ``unpack_latents`` inside ``predict``, so
+  noise, targets and the loss all live in the stored layout.
 * ``timesteps`` are what the denoiser takes: DDPM ints for SD, ``sigma * T`` floats for
   flow matching. ``noise_level(t)`` maps them to [0, 1] (1 = pure noise) for weighting,
   timestep buckets and random-condition mixing.
 * ``predict`` returns the output in the same space as ``dpo_target`` so the loss can
-  compare them directly (SD3: x0-preconditioned; SANA: velocity; SD: epsilon).
+  compare them directly (SD3: x0-preconditioned; SANA, FLUX: velocity; SD: epsilon).
+  A flow family must define ``dpo_target`` (there is no safe default).
+* The noise schedule is one of three strategies (``noise_schedule()``): DDPM; flow
+  matching with a static shift; flow matching whose sampler shifts by the image
+  sequence length (FLUX), which diffusers' training scripts train on the unshifted table.
 * ``sample_timesteps`` draws t as the official DDSPO scripts do, per family by default
   (``FLOW_TIMESTEP_SCHEMES`` / ``DDPM_TIMESTEP_SCHEMES``); the others are options.
 """
@@ -111,6 +119,16 @@ class FamilyAdapter:
     # Per-family options accepted by ``load(..., options=...)`` (name -> allowed values
     # description); subclasses list theirs and apply them in ``_configure``.
     options: ClassVar[dict[str, str]] = {}
+    # The guidance value fed to a guidance-distilled denoiser during training (FLUX.1
+    # [dev]); None where the denoiser has no guidance embedding.
+    train_guidance: Optional[float] = None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # A flow family's regression target depends on what its predict returns
+        # (velocity, x0...): no default could be right, so it must say.
+        if cls.flow and cls.dpo_target is FamilyAdapter.dpo_target:
+            raise TypeError(f"{cls.__name__}: a flow-matching family must define dpo_target")
 
     def __init__(self, pipe, model: str, *, device: torch.device, dtype: torch.dtype):
         self.pipe = pipe
@@ -174,6 +192,15 @@ class FamilyAdapter:
             pipe.vae_scale_factor = self.vae_scale_factor
         return self
 
+    @classmethod
+    def text_dtype_for(cls, run_dtype: torch.dtype, policy: Optional[str] = None) -> torch.dtype:
+        """The text encoders' dtype in a run whose frozen weights are ``run_dtype``:
+        ``policy`` None = the family's official choice (``text_encoder_dtype`` where it
+        has one: SANA's Gemma-2 in bf16), "run" = ``run_dtype`` for every family."""
+        if policy not in (None, "run"):
+            raise ValueError(f"text_encoder_dtype: expected None or 'run', got {policy!r}")
+        return run_dtype if policy == "run" else (cls.text_encoder_dtype or run_dtype)
+
     def _configure(self, **options) -> None:
         """Apply the family's ``options`` (names already checked against ``cls.options``)."""
 
@@ -196,6 +223,13 @@ class FamilyAdapter:
         self.vae_scale_factor = 2 ** (len(blocks) - 1)
         self.vae_scaling_factor = float(cfg.get("scaling_factor", 1.0) or 1.0)
         self.vae_shift_factor = float(cfg.get("shift_factor", 0.0) or 0.0)
+        # Per-channel statistics (diffusers' latents_mean / latents_std); when both are
+        # set they replace the scalar shift, as diffusers' pipelines apply them.
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        self.vae_latents_stats = ((torch.tensor(mean, dtype=torch.float32),
+                                   torch.tensor(std, dtype=torch.float32))
+                                  if mean is not None and std is not None else None)
+        self.vae_sample_size = cfg.get("sample_size")
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -215,21 +249,91 @@ class FamilyAdapter:
         return json.loads(Path(_hub_file(self.model, f"{self.denoiser_name}/config.json"))
                           .read_text())
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the model's native-resolution latents."""
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one native-resolution latent as datasets store it ((C, H, W) here;
+        a family with another layout overrides this)."""
         cfg = self.denoiser_config()
         size = cfg.get("sample_size") or 64
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return int(cfg.get("in_channels", 4)), int(h), int(w)
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this (the VAE's downscale, times any packing)."""
+        return self.vae_scale_factor
+
+    def pack_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored layout -> the layout the denoiser takes (identity for most families)."""
+        return x
+
+    def unpack_latents(self, x: torch.Tensor, like_shape) -> torch.Tensor:
+        """The denoiser's layout -> the stored layout of shape ``like_shape``."""
+        return x
+
+    # ------------------------------------------------------------------ variants
+    @classmethod
+    def variant_of(cls, denoiser_config: Mapping) -> str:
+        """The model variant a denoiser config describes (the family name when the family
+        has one variant)."""
+        return cls.name
+
+    @classmethod
+    def default_train_guidance(cls, denoiser_config: Mapping) -> Optional[float]:
+        """The guidance value training feeds a guidance-distilled denoiser by default;
+        None where the denoiser has no guidance embedding."""
+        return None
+
+    @property
+    def variant(self) -> str:
+        v = self.__dict__.get("_variant")
+        if v is None:
+            v = self._variant = self.variant_of(self.denoiser_config())
+        return v
+
+    def describe(self) -> str:
+        """The family, and the variant where it differs: "flux (FLUX.1 [schnell])"."""
+        return self.name if self.variant == self.name else f"{self.name} ({self.variant})"
+
+    # ------------------------------------------------------------------ preparing
+    def prepare_denoiser(self, denoiser: torch.nn.Module, *, channels_last: bool = False) -> None:
+        """Set ``denoiser`` up for this family's calls (UNets: channels_last on request)."""
+        if channels_last and self.is_unet:
+            denoiser.to(memory_format=torch.channels_last)
+
+    def prepare_input(self, x: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
+        """Latents in the memory format ``prepare_denoiser`` chose for the denoiser."""
+        if channels_last and self.is_unet:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def set_train_guidance(self, value: Optional[float]) -> None:
+        """The guidance value a guidance-distilled denoiser is trained with (None: the
+        family's default). Refused for a denoiser without a guidance embedding."""
+        if value is None:
+            return
+        if self.train_guidance is None:
+            raise ValueError(f"guidance_scale: {self.describe()} has no guidance embedding "
+                             "(only guidance-distilled models such as FLUX.1 [dev] take one)")
+        self.train_guidance = float(value)
+
     # ------------------------------------------------------------------ latent scaling
     def vae_to_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Raw VAE encoder output -> the denoiser's latent space."""
+        if self.vae_latents_stats is not None:
+            mean, std = (self._bcast_channels(v, z) for v in self.vae_latents_stats)
+            return (z - mean) * self.vae_scaling_factor / std
         return (z - self.vae_shift_factor) * self.vae_scaling_factor
 
     def latents_to_vae(self, x: torch.Tensor) -> torch.Tensor:
         """The denoiser's latent space -> what the VAE decoder takes."""
+        if self.vae_latents_stats is not None:
+            mean, std = (self._bcast_channels(v, x) for v in self.vae_latents_stats)
+            return x * std / self.vae_scaling_factor + mean
         return x / self.vae_scaling_factor + self.vae_shift_factor
+
+    @staticmethod
+    def _bcast_channels(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.to(like.device, like.dtype).reshape(1, -1, *([1] * (like.dim() - 2)))
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -275,6 +379,33 @@ class FamilyAdapter:
         if shift is not None:
             cfg.update(shift=float(shift), use_dynamic_shifting=False)
         return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+
+    def noise_schedule(self, shift: Optional[float] = None) -> dict:
+        """The noise-schedule strategy training uses, described.
+
+        ``{"kind": "ddpm"}``; ``{"kind": "flow_static", "shift": s}`` (the training table
+        shifted by s: SD3 3.0, SANA 1.0, or ``shift``); ``{"kind": "flow_dynamic", ...}``
+        for schedulers with ``use_dynamic_shifting`` (FLUX): the sampler shifts sigmas by
+        mu = the line through (base_image_seq_len, base_shift) and (max_image_seq_len,
+        max_shift) at the image's token count (``dynamic_shift_mu``), while training draws
+        from the unshifted table, as diffusers' DreamBooth scripts do. A ``shift`` given
+        for a dynamic-shift model trains on the static shift instead."""
+        if not self.flow:
+            return {"kind": "ddpm"}
+        cfg = self._flow_cfg
+        if cfg.get("use_dynamic_shifting") and shift is None:
+            return {"kind": "flow_dynamic",
+                    **{k: cfg.get(k) for k in ("base_image_seq_len", "max_image_seq_len",
+                                               "base_shift", "max_shift")}}
+        return {"kind": "flow_static", "shift": float(self._flow_scheduler(shift).shift)}
+
+    def dynamic_shift_mu(self, image_seq_len: int) -> float:
+        """The sampler's shift mu for ``image_seq_len`` image tokens (dynamic-shift
+        schedulers), from the scheduler config with diffusers' defaults."""
+        cfg = self._flow_cfg
+        x0, x1 = cfg.get("base_image_seq_len") or 256, cfg.get("max_image_seq_len") or 4096
+        y0, y1 = cfg.get("base_shift") or 0.5, cfg.get("max_shift") or 1.15
+        return float(y0 + (y1 - y0) * (image_seq_len - x0) / (x1 - x0))
 
     def _cached(self, key, device, build) -> torch.Tensor:
         """A table built once per (key, device): no host-to-device copy per step."""
@@ -348,8 +479,9 @@ class FamilyAdapter:
         return a * x0 + b * noise
 
     def dpo_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-        """Diffusion-DPO regression target in ``predict``'s output space."""
-        if not self.flow and self.prediction_type == "v_prediction":
+        """Diffusion-DPO regression target in ``predict``'s output space (DDPM families:
+        epsilon or v from the scheduler's prediction_type; flow families define theirs)."""
+        if self.prediction_type == "v_prediction":
             ac = self._table(x0.device)[timesteps.long()]
             return self._bcast(ac.sqrt(), x0) * noise - self._bcast((1 - ac).sqrt(), x0) * x0
         return noise
@@ -363,7 +495,7 @@ class FamilyAdapter:
     # ------------------------------------------------------------------ sampling
     def pipeline_call_kwargs(self) -> dict:
         """Extra keyword arguments for the family's pipeline call (size, binning...)."""
-        _, h, w = self.latent_shape()
+        h, w = self.latent_shape()[-2:]
         return {"height": h * self.vae_scale_factor, "width": w * self.vae_scale_factor}
 
     @torch.no_grad()

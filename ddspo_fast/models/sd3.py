@@ -1,4 +1,14 @@
-"""Stable Diffusion 3: MMDiT, flow matching, logit-normal timesteps, x0 preconditioning."""
+"""Stable Diffusion 3 and 3.5: MMDiT, flow matching, logit-normal timesteps, x0 preconditioning.
+
+One family for SD3-medium, SD3.5-large (and large-turbo) and SD3.5-medium: the training
+recipe (the DDSPO SD3 code and diffusers' ``train_dreambooth_lora_sd3.py``: logit-normal
+timesteps, ``precondition_outputs``, the shift-3.0 training table) is the same; the
+variant is read from the transformer's config (``qk_norm`` set: 3.5; a non-empty
+``dual_attention_layers``: 3.5-medium) and shown in the start banner. SD3.5-medium's
+dual-attention blocks carry a second, image-only attention (``attn2``); its projections
+are LoRA targets too, since the script's suffix list ("attn.to_q"...) does not reach them
+and those blocks would otherwise train only half their attention.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +34,19 @@ class SD3Adapter(FamilyAdapter):
     # T5 tokens kept per prompt, as in the DDSPO SD3 training code (the pipeline's own
     # default is 256); data preparation and training use the same value.
     max_sequence_length = 77
+    # SD3.5-medium's second attention in its dual-attention blocks (image tokens only).
+    dual_attention_targets = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+
+    def __init__(self, pipe, model, *, device, dtype):
+        super().__init__(pipe, model, device=device, dtype=dtype)
+        if self.variant == "sd3.5-medium":
+            self.lora_targets = type(self).lora_targets + self.dual_attention_targets
+
+    @classmethod
+    def variant_of(cls, denoiser_config) -> str:
+        if not denoiser_config.get("qk_norm"):
+            return "sd3"
+        return "sd3.5-medium" if denoiser_config.get("dual_attention_layers") else "sd3.5-large"
 
     def _encode(self, prompts: list[str]) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(

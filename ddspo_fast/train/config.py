@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from ..models import family_names
+
 OBJECTIVES = ("ddspo", "dpo")
 PAIRS = ("reference", "lora")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
@@ -25,7 +27,7 @@ LOSS_WEIGHTING = (None, "linear")
 RAND_COND_SCHEDULES = ("sigmoid", "exponential", "constant")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
-FAMILIES = ("sd15", "sdxl", "sd3", "sana")
+FAMILIES = family_names()  # the registry's families when this module loaded (CLI choices)
 ON_NONFINITE = ("stop", "skip")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # = ddspo_fast.loss.LOSS_TYPES (checked by a test)
 # every family's schemes; each family accepts its own subset (models/base.py)
@@ -39,7 +41,8 @@ DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 # change on resume and the new value is applied (and logged).
 RUN_DEFINING = ("model", "data", "family", "objective", "pair", "pair_lora", "beta",
                 "timesteps_per_pair", "loss_weighting", "logit_mean", "logit_std",
-                "loss_type", "timestep_sampling", "mode_scale", "flow_shift",
+                "loss_type", "timestep_sampling", "mode_scale", "flow_shift", "guidance_scale",
+                "text_encoder_dtype",
                 "rand_cond_prompts", "rand_cond_lambda", "rand_cond_schedule", "batch_size",
                 "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_targets", "optimizer")
 # Where and how this invocation runs; not compared on resume.
@@ -99,7 +102,7 @@ class TrainConfig:
                                    "(metadata.jsonl + latents/) (required).")
     output_dir: str = _f("ddspo-output", "Where checkpoints, metrics.jsonl, logs and the "
                                          "final pipeline / LoRA weights go.")
-    family: Optional[str] = _f(None, "Model family (sd15 | sdxl | sd3 | sana); detected from "
+    family: Optional[str] = _f(None, f"Model family ({' | '.join(FAMILIES)}); detected from "
                                      "the model's model_index.json when unset.",
                                choices=FAMILIES)
     # ---------------------------------------------------------------- objective
@@ -228,14 +231,27 @@ class TrainConfig:
     # ---------------------------------------------------------------- timestep sampling (issue 12)
     timestep_sampling: Optional[str] = _f(
         None, "How training timesteps are drawn. None = the family's official default "
-              "(uniform for SD1.x, SDXL and SANA; logit_normal for SD3). Flow families (SD3, "
-              "SANA): uniform | logit_normal | mode | cosmap (cosmap draws uniformly, as the "
-              "official code, which uses it as a loss weighting it never applies). DDPM "
+              "(uniform for SD1.x, SDXL, SANA and FLUX; logit_normal for SD3 / SD3.5). Flow "
+              "families (SD3, SANA, FLUX): uniform | logit_normal | mode | cosmap (cosmap "
+              "draws uniformly, as the official code, which uses it as a loss weighting it "
+              "never applies). DDPM "
               "families (SD1.x, SDXL): uniform | linear | sigmoid.",
         choices=TIMESTEP_SCHEMES)
     mode_scale: float = _f(1.29, "timestep_sampling='mode': the mode scale (the scripts' default).")
     flow_shift: Optional[float] = _f(None, "Flow families: the training scheduler's shift. None = "
-                                           "the model's scheduler config (SANA 1.0, SD3 3.0).")
+                                           "the model's scheduler config (SANA 1.0, SD3 3.0; "
+                                           "FLUX shifts by resolution only when sampling and "
+                                           "trains on the unshifted table).")
+    text_encoder_dtype: Optional[str] = _f(None, "Dtype of the text encoders when prompts are "
+                                                 "encoded during training. None = the official "
+                                                 "code's (SANA: Gemma-2 in bf16; others: the "
+                                                 "frozen-weight dtype); 'run' = the frozen-weight "
+                                                 "dtype for every family.",
+                                           choices=(None, "run"))
+    guidance_scale: Optional[float] = _f(None, "Guidance-distilled models (FLUX.1 [dev]): the "
+                                               "guidance value fed to the denoiser in training. "
+                                               "None = diffusers' DreamBooth script default 3.5; "
+                                               "refused for models without a guidance embedding.")
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -257,7 +273,7 @@ class TrainConfig:
         if not isinstance(self.output_dir, (str, os.PathLike)) or str(self.output_dir) == "":
             raise bad("output_dir", "a directory path")
         self.output_dir = str(self.output_dir)
-        choices = {"family": (None,) + FAMILIES, "objective": OBJECTIVES, "pair": PAIRS,
+        choices = {"family": (None,) + family_names(), "objective": OBJECTIVES, "pair": PAIRS,
                    "mixed_precision": MIXED_PRECISION, "optimizer": OPTIMIZERS,
                    "attention": ATTENTION, "loss_weighting": LOSS_WEIGHTING,
                    "rand_cond_schedule": RAND_COND_SCHEDULES, "lr_scheduler": LR_SCHEDULERS}
@@ -292,6 +308,11 @@ class TrainConfig:
             raise bad("mode_scale", "a finite number")
         if self.flow_shift is not None and (not is_num(self.flow_shift) or self.flow_shift <= 0):
             raise bad("flow_shift", "None or a finite number > 0")
+        if self.text_encoder_dtype not in (None, "run"):
+            raise bad("text_encoder_dtype", "None or 'run'")
+        if self.guidance_scale is not None and (not is_num(self.guidance_scale)
+                                                or self.guidance_scale < 0):
+            raise bad("guidance_scale", "None or a finite number >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
             if not is_num(v) or not 0 <= v < 1:

@@ -42,8 +42,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from . import checkpoint as ckpt
-from .config import (LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TRUST_CHECKPOINT_HELP,
-                     TrainConfig, as_config, weight_dtype)
+from .config import (FAMILIES, LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS,
+                     TRUST_CHECKPOINT_HELP, TrainConfig, as_config, weight_dtype)
 from .config import config_field as _f
 from .lora import LOSE, WIN
 
@@ -73,9 +73,9 @@ class PairTrainConfig:
     output_dir: str = _f("ddspo-pair", "Where pos_lora_unet/ and neg_lora_unet/ (pass this "
                                        "directory as train's pair_lora), checkpoints and "
                                        "metrics go.")
-    family: Optional[str] = _f(None, "Model family (sd15 | sdxl | sd3 | sana); detected from "
+    family: Optional[str] = _f(None, f"Model family ({' | '.join(FAMILIES)}); detected from "
                                      "the model when unset.",
-                               choices=("sd15", "sdxl", "sd3", "sana"))
+                               choices=FAMILIES)
     # ---------------------------------------------------------------- the adapters
     lora_rank: int = _f(4, "LoRA rank of both adapters (official: 4).")
     lora_alpha: float = _f(4.0, "LoRA alpha of both adapters (official: 4).")
@@ -412,8 +412,7 @@ class PairTrainer:
             raise ValueError(f"timestep_sampling: expected one of {a.timestep_schemes()} for "
                              f"{self.family}, got {cfg.timestep_sampling!r}")
         den = a.denoiser
-        if cfg.channels_last and a.is_unet:
-            den.to(memory_format=torch.channels_last)
+        a.prepare_denoiser(den, channels_last=cfg.channels_last)
         self.targets = list(cfg.lora_targets or a.lora_targets)
         try:
             add_pair_adapters(den, cfg.lora_rank, cfg.lora_alpha, self.targets, cfg.lora_dropout,
@@ -501,8 +500,7 @@ class PairTrainer:
         x0, t2 = torch.cat([x_w, x_l]), torch.cat([t, t])
         noise = torch.randn(x0.shape, generator=self.generator, device=dev, dtype=x0.dtype)
         x_t = a.add_noise(x0, noise, t2)
-        if a.is_unet and cfg.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        x_t = a.prepare_input(x_t, channels_last=cfg.channels_last)
         pred = a.predict(self._ddp, x_t, t2, cat_cond(cond, cond))
         err = (pred.float() - a.dpo_target(x0, noise, t2).float()).square()
         mse_w, mse_l = err[:n].mean(), err[n:].mean()

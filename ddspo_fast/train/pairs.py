@@ -168,9 +168,8 @@ def make_inputs(batch: dict, adapter, mode: str, cfg, *, device, dtype: torch.dt
         if mix[1] is not None:
             neg = where_cond(mixed, mix[1], neg if neg is not None else cond)
         cond = where_cond(mixed, mix[0], cond)
-    if a.is_unet and cfg.channels_last:
-        x_w = x_w.contiguous(memory_format=torch.channels_last)
-        x_l = x_l.contiguous(memory_format=torch.channels_last)
+    x_w = a.prepare_input(x_w, channels_last=cfg.channels_last)
+    x_l = a.prepare_input(x_l, channels_last=cfg.channels_last)
     weights = tau.float() if cfg.loss_weighting == "linear" else None
     return PairInputs(x_w=x_w, x_l=x_l, noise=noise, t=t, cond=cond, neg_cond=neg,
                       weights=weights, mixed=mixed, tau=tau)

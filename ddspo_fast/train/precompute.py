@@ -50,19 +50,21 @@ class _Frozen:
     """The frozen networks of one precompute: reference (and DD-CPP's phi_w / phi_l)."""
 
     def __init__(self, cfg, family: str, mode: str, need_text: bool, device):
-        from ..models import load_adapter
+        from ..models import get_family, load_adapter
         from .lora import LOSE, WIN, AdapterSwitch, find_pair_dirs, load_named_adapter
 
         self.dtype = weight_dtype(cfg.mixed_precision)
         comps = ("denoiser", "text") if need_text else ("denoiser",)
         # Stored in the autocast dtype, as the trainer stores its frozen copies.
         self.adapter = a = load_adapter(cfg.model, family, components=comps, device=device,
-                                        dtype=self.dtype, text_dtype=self.dtype)
+                                        dtype=self.dtype,
+                                        text_dtype=get_family(family).text_dtype_for(
+                                            self.dtype, cfg.text_encoder_dtype))
+        a.set_train_guidance(cfg.guidance_scale)
         den = a.denoiser.requires_grad_(False).eval()
         if cfg.attention == "xformers":
             den.enable_xformers_memory_efficient_attention()
-        if cfg.channels_last and a.is_unet:
-            den.to(memory_format=torch.channels_last)
+        a.prepare_denoiser(den, channels_last=cfg.channels_last)
         self.den, self.switch = den, None
         if mode == "dd_cpp":
             win, lose = find_pair_dirs(cfg.pair_lora)

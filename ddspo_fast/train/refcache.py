@@ -31,9 +31,10 @@ they are used only with ``trust_checkpoint`` (``--trust-checkpoint``).
 
 The fingerprint names everything that changes the stored values: the frozen weights
 (sha256 of the denoiser's files, the text encoders' when prompts are encoded, the pair
-adapters' for DD-CPP), the data index, objective and pair mode, the family's schedule and
-timestep density, the mixing pool and schedule, the seed, the precision and the draw
-scheme's version. A run whose settings differ is refused, naming the setting.
+adapters' for DD-CPP), the data index, objective and pair mode, the family's schedule,
+model variant and timestep density, the training guidance (FLUX.1 [dev]), the mixing pool
+and schedule, the seed, the precision (and the text encoders' dtype where the family fixes
+its own) and the draw scheme's version. A run whose settings differ is refused, naming the setting.
 """
 
 from __future__ import annotations
@@ -68,9 +69,13 @@ COMPARED = (
     ("pair_lora", "pair_lora (the winning / losing adapters)"),
     ("data", "data (the dataset's index: ids, prompts, shards)"),
     ("schedule", "model (the noise schedule: scheduler config)"),
+    ("variant", "model (the variant: its denoiser config)"),
     ("timestep_density", "timestep_sampling / logit_mean / logit_std / mode_scale / flow_shift"),
+    ("guidance", "guidance_scale"),
     ("mixing", "rand_cond_prompts / rand_cond_schedule / rand_cond_lambda"),
-    ("seed", "seed"), ("precision", "mixed_precision"), ("draws_version", "draws_version"),
+    ("seed", "seed"), ("precision", "mixed_precision"),
+    ("text_dtype", "text_encoder_dtype (the dtype prompts are encoded in)"),
+    ("draws_version", "draws_version"),
 )
 
 
@@ -216,6 +221,15 @@ def fingerprint(cfg, family: str, dataset, known_files: Optional[dict] = None
     sched_file = root / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
     sched = {k: v for k, v in sched.items() if not k.startswith("_")}
+    den_file = root / fam.denoiser_name / "config.json"
+    den_cfg = json.loads(den_file.read_text()) if den_file.is_file() else {}
+    # Families with one variant (and SD3's first release) store None, so caches written
+    # before variants were fingerprinted still match.
+    variant = fam.variant_of(den_cfg)
+    variant = None if variant == fam.name else variant
+    guidance = fam.default_train_guidance(den_cfg)
+    if guidance is not None and cfg.guidance_scale is not None:
+        guidance = float(cfg.guidance_scale)
     mix = None
     if mixing:
         mix = {"prompts": hash_files(Path(cfg.rand_cond_prompts).parent,
@@ -223,15 +237,26 @@ def fingerprint(cfg, family: str, dataset, known_files: Optional[dict] = None
                "schedule": cfg.rand_cond_schedule, "lambda": float(cfg.rand_cond_lambda)}
     fp = {"objective": cfg.objective, "pair": mode, "family": family, "model": weights,
           "text_encoders": text, "pair_lora": pair_lora, "data": _data_digest(dataset),
-          "schedule": _digest(sched),
+          "schedule": _digest(sched), "variant": variant, "guidance": guidance,
           "timestep_density": {"scheme": cfg.timestep_sampling or fam.timestep_sampling,
                                "logit_mean": float(cfg.logit_mean),
                                "logit_std": float(cfg.logit_std),
                                "mode_scale": float(cfg.mode_scale),
                                "shift": None if cfg.flow_shift is None else float(cfg.flow_shift)},
           "mixing": mix, "seed": int(cfg.seed), "precision": cfg.mixed_precision,
+          "text_dtype": _text_dtype(fam, cfg, text is not None),
           "draws_version": DRAWS_VERSION}
     return fp, files
+
+
+def _text_dtype(fam, cfg, encodes: bool) -> Optional[str]:
+    """The text encoders' dtype where it is not the run's own (SANA's bf16 Gemma-2), else
+    None (so caches fingerprinted before this field existed still match)."""
+    run = DTYPES.get(DEFAULT_DTYPE.get(cfg.mixed_precision, ""))
+    if not encodes or run is None:
+        return None
+    dtype = fam.text_dtype_for(run, cfg.text_encoder_dtype)
+    return None if dtype == run else str(dtype).replace("torch.", "")
 
 
 def _show(v) -> str:

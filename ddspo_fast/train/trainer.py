@@ -182,7 +182,7 @@ class Trainer:
                                             policy_only=self.ref_cache is not None)
 
     def _setup_models(self) -> None:
-        from ..models import load_adapter
+        from ..models import get_family, load_adapter
 
         cfg = self.config
         lora = cfg.lora_rank is not None
@@ -192,13 +192,15 @@ class Trainer:
         self.adapter = a = load_adapter(cfg.model, self.family, components=comps,
                                         device=self.device,
                                         dtype=self.weight_dtype if lora else torch.float32,
-                                        text_dtype=self.weight_dtype)
+                                        text_dtype=get_family(self.family).text_dtype_for(
+                                            self.weight_dtype, cfg.text_encoder_dtype))
         if cfg.timestep_sampling is not None and cfg.timestep_sampling not in a.timestep_schemes():
             raise ValueError(f"timestep_sampling: expected one of {a.timestep_schemes()} for "
                              f"{self.family}, got {cfg.timestep_sampling!r}")
         if cfg.flow_shift is not None and not a.flow:
             raise ValueError(f"flow_shift: {self.family} is not a flow-matching family (a shift "
-                             "applies to SD3 and SANA only)")
+                             "applies to SD3, SANA and FLUX only)")
+        a.set_train_guidance(cfg.guidance_scale)
         self.pair_loss = PairLoss(a, cfg.objective, cfg.pair, cfg.beta, cfg.backend,
                                   loss_type=cfg.loss_type)
         den = a.denoiser
@@ -209,8 +211,7 @@ class Trainer:
                 raise ImportError("attention='xformers' needs xformers: pip install xformers "
                                   "(or use attention='sdpa')") from e
             den.enable_xformers_memory_efficient_attention()
-        if cfg.channels_last and a.is_unet:
-            den.to(memory_format=torch.channels_last)
+        a.prepare_denoiser(den, channels_last=cfg.channels_last)
         dd_cpp = self.mode == "dd_cpp"
         cached = self.ref_cache is not None  # no reference, no pair adapters
         self.ref_switch = None
@@ -520,7 +521,7 @@ class Trainer:
         epochs = cfg.max_steps * cfg.grad_accum / self.batches_per_epoch
         threads = getattr(self, "threads", torch.get_num_threads())
         lines = [
-            f"ddspo-fast train: {self.family} {cfg.objective} "
+            f"ddspo-fast train: {self.adapter.describe()} {cfg.objective} "
             f"({self.mode.replace('_', '-').upper()}), beta {cfg.beta:g}, "
             f"lr {cfg.learning_rate:g} -> {cfg.output_dir}",
             f"  device {self.device} x {acc.num_processes} process(es), {precision}, "
