@@ -89,7 +89,7 @@ def _per_prompt_means(vals: Sequence[float], n_prompts: int, n: int) -> list[flo
 
 
 def _generate_for(model, label, prompts, n, *, device, dtype, base_model, steps, seed,
-                  guidance_scale, batch_size, out, progress, arg):
+                  guidance_scale, batch_size, out, progress, arg, path_of=None):
     import torch
 
     pipe = load_pipeline(model, device, base_model=base_model, dtype=dtype, arg=arg)
@@ -98,7 +98,8 @@ def _generate_for(model, label, prompts, n, *, device, dtype, base_model, steps,
         extra["guidance_scale"] = float(guidance_scale)
     try:
         return generate(pipe, prompts, n, steps=steps, seed=seed, extra=extra,
-                        batch_size=batch_size, out=out, progress=progress, desc=label)
+                        batch_size=batch_size, out=out, progress=progress, desc=label,
+                        path_of=path_of)
     finally:
         del pipe
         gc.collect()
@@ -271,3 +272,44 @@ def compare(run, against, prompts: Sequence[str], *, metrics: Sequence[str] = ("
         if card is not None:
             result["files"]["card"] = str(card)
     return result
+
+
+def render_benchmark(model, fmt: str, prompts_file, out_dir, *, num_images_per_prompt: int = 4,
+                     steps: int = 25, seed: int = 0, guidance_scale: float | None = None,
+                     batch_size: int = 4, device=None, dtype: str | None = None,
+                     base_model=None, progress: bool = False) -> dict:
+    """Generate the images of a benchmark's prompt file into ``out_dir`` in the layout its
+    scorer reads (``formats``): GenEval from its evaluation_metadata.jsonl, T2I-CompBench
+    from one of its prompt .txt files. Resumable like ``evaluate``."""
+    from ..data.degrade import read_prompts
+    from . import formats
+
+    if fmt not in formats.FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(formats.FORMATS)}, got {fmt!r}")
+    out = check_output(out_dir, {"pipeline_or_dir": model, "prompts": prompts_file,
+                                 "base_model": base_model})
+    if fmt == "geneval":
+        records = formats.read_geneval_metadata(prompts_file)
+        prompts = [r["prompt"] for r in records]
+    else:
+        try:
+            prompts = [r["prompt"] for r in read_prompts(prompts_file)]
+        except ValueError as e:
+            raise ValueError(f"prompts: {e}") from e
+        if not prompts:
+            raise ValueError(f"prompts: no prompts in {prompts_file}")
+    _check_common(prompts, num_images_per_prompt, steps, seed, guidance_scale, batch_size)
+    device = _device(device)
+    if isinstance(model, (str, os.PathLike)):
+        resolve(model, base_model)
+    path_of = formats.t2i_compbench_paths(out, prompts) if fmt != "geneval" else None
+    check_settings(out, {**_settings(model, prompts, steps, seed, guidance_scale, dtype),
+                         "format": fmt}, name=".ddspo-fast-generation.json")
+    if fmt == "geneval":
+        path_of = formats.geneval_paths(out, records)
+    _generate_for(model, fmt, prompts, num_images_per_prompt, device=device, dtype=dtype,
+                  base_model=base_model, steps=steps, seed=seed, guidance_scale=guidance_scale,
+                  batch_size=batch_size, out=out, progress=progress, arg="pipeline_or_dir",
+                  path_of=path_of)
+    return {"format": fmt, "out": str(out), "prompts": len(prompts),
+            "num_images": len(prompts) * num_images_per_prompt}

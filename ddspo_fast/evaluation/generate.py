@@ -51,9 +51,10 @@ def generation_kwargs(pipe) -> dict:
     return adapter.pipeline_call_kwargs()
 
 
-def check_settings(out: Path, settings: dict, arg: str = "out_dir") -> None:
+def check_settings(out: Path, settings: dict, arg: str = "out_dir",
+                   name: str = SETTINGS_FILE) -> None:
     """Refuse a folder whose images were made with other settings; record them otherwise."""
-    f = out / SETTINGS_FILE
+    f = out / name
     if f.is_file():
         try:
             old = json.loads(f.read_text(encoding="utf-8"))
@@ -72,17 +73,20 @@ def check_settings(out: Path, settings: dict, arg: str = "out_dir") -> None:
 
 def generate(pipe, prompts: Sequence[str], num_images_per_prompt: int, *, steps: int,
              seed: int, extra: dict, batch_size: int, out: Path | None = None,
-             progress: bool = False, desc: str = "generate") -> dict:
+             progress: bool = False, desc: str = "generate", path_of=None) -> dict:
     """Images for every (prompt i, image j): ``{(i, j): PIL image}``. With ``out`` the
     images already there are read back instead of generated, and each new one is written
-    as soon as its batch is done. ``progress`` shows a bar with the ETA on stderr."""
+    as soon as its batch is done, at ``path_of(i, j)`` (default ``out / image_name(i, j)``).
+    ``progress`` shows a bar with the ETA on stderr."""
     import torch
     from PIL import Image
 
+    if path_of is None and out is not None:
+        path_of = lambda i, j: out / image_name(i, j)  # noqa: E731
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images_per_prompt)]
     images, todo = {}, []
     for key in jobs:
-        f = out / image_name(*key) if out is not None else None
+        f = path_of(*key) if path_of is not None else None
         if f is not None and f.is_file():
             with Image.open(f) as im:
                 images[key] = im.convert("RGB")
@@ -101,8 +105,8 @@ def generate(pipe, prompts: Sequence[str], num_images_per_prompt: int, *, steps:
                    generator=gens, output_type="pil", **extra)
         for key, img in zip(chunk, res.images):
             img = img.convert("RGB")
-            if out is not None:
-                atomic_write(out / image_name(*key), lambda tmp, im=img: im.save(tmp, format="PNG"))
+            if path_of is not None:
+                atomic_write(path_of(*key), lambda tmp, im=img: im.save(tmp, format="PNG"))
             images[key] = img
         bar.update(len(chunk))
     bar.close()
