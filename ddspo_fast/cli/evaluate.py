@@ -223,7 +223,7 @@ def _compare(args, progress) -> dict:
 
 
 def _render(args, progress) -> dict:
-    from ..evaluation.compare import render_benchmark
+    from ..evaluation.api import render_benchmark
 
     if args.against is not None:
         raise CLIError("argument --format: writes one model's images; run it once per model "

@@ -11,7 +11,7 @@ the images, and report.
 * ``model_card``: the README.md beside exported weights.
 """
 
-from .compare import compare, evaluate
+from .api import compare, evaluate
 from .model_card import write_model_card
 
 __all__ = ["compare", "evaluate", "write_model_card"]
