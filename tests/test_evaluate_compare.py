@@ -39,11 +39,18 @@ def assets(tmp_path_factory):
     Trainer(config("sd15", run, model=base, data=tiny_data("sd15"), max_steps=2, lora_rank=4,
                    save_final=True, learning_rate=1e-2)).train()
     torch.save(_mlp(16), root / "aesthetic.pth")
-    weights = {"clip": clip, "pickscore": clip, "aesthetic": str(root / "aesthetic.pth")}
+    from transformers import CLIPTokenizer
+
+    from test_evaluate_scorers import _open_clip_state
+
+    torch.save({"state_dict": _open_clip_state(len(CLIPTokenizer.from_pretrained(clip)))},
+               root / "hps.pt")
+    weights = {"clip": clip, "pickscore": clip, "aesthetic": str(root / "aesthetic.pth"),
+               "hpsv2": str(root / "hps.pt")}
     return base, str(run), weights
 
 
-METRICS = ["clip", "pickscore", "aesthetic"]
+METRICS = ["clip", "pickscore", "hpsv2", "aesthetic"]
 
 
 def _compare(assets, out=None, **kw):

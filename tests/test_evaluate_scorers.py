@@ -125,7 +125,120 @@ def test_wrong_scorer_folders_are_named(tmp_path, make, fragment, metric):
         load_scorer(metric, {metric: d})
 
 
-@pytest.mark.parametrize("metric", ["hpsv2", "imagereward"])
+@pytest.mark.parametrize("metric", ["imagereward"])
 def test_scorers_not_yet_available_say_so(metric):
     with pytest.raises(ValueError, match=f"^{metric}: not available in this version"):
         load_scorer(metric, {})
+
+
+def _open_clip_state(vocab, seed=7, wv=160, wt=128, embed=16, patch=8, size=32, layers=2, ctx=77):
+    """A random open_clip CLIP state dict (ViT-H-14's layout at a tiny size)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05  # noqa: E731
+    sd = {"token_embedding.weight": r(vocab, wt), "positional_embedding": r(ctx, wt),
+          "ln_final.weight": 1 + r(wt), "ln_final.bias": r(wt), "text_projection": r(wt, embed),
+          "logit_scale": torch.tensor(math.log(100.0)),
+          "visual.conv1.weight": r(wv, 3, patch, patch), "visual.class_embedding": r(wv),
+          "visual.positional_embedding": r((size // patch) ** 2 + 1, wv), "visual.proj": r(wv, embed)}
+    for ln in ("visual.ln_pre", "visual.ln_post"):
+        sd[f"{ln}.weight"], sd[f"{ln}.bias"] = 1 + r(wv), r(wv)
+    for pre, w in (("", wt), ("visual.", wv)):
+        for i in range(layers):
+            b = f"{pre}transformer.resblocks.{i}."
+            for ln in ("ln_1", "ln_2"):
+                sd[f"{b}{ln}.weight"], sd[f"{b}{ln}.bias"] = 1 + r(w), r(w)
+            sd[f"{b}attn.in_proj_weight"], sd[f"{b}attn.in_proj_bias"] = r(3 * w, w), r(3 * w)
+            sd[f"{b}attn.out_proj.weight"], sd[f"{b}attn.out_proj.bias"] = r(w, w), r(w)
+            sd[f"{b}mlp.c_fc.weight"], sd[f"{b}mlp.c_fc.bias"] = r(4 * w, w), r(4 * w)
+            sd[f"{b}mlp.c_proj.weight"], sd[f"{b}mlp.c_proj.bias"] = r(w, 4 * w), r(w)
+    return sd
+
+
+def _open_clip_forward(sd, pix, ids, vision_heads, text_heads):
+    """open_clip's CLIP.forward written out: residual blocks of nn.MultiheadAttention and a
+    GELU MLP; text pooled at the argmax token (EOT), vision at the class token."""
+    import torch.nn.functional as F
+
+    def blocks(x, pre, heads, mask=None):
+        i = 0
+        while f"{pre}transformer.resblocks.{i}.ln_1.weight" in sd:
+            b = f"{pre}transformer.resblocks.{i}."
+            w = x.shape[-1]
+            mha = torch.nn.MultiheadAttention(w, heads, batch_first=True)
+            mha.load_state_dict({"in_proj_weight": sd[b + "attn.in_proj_weight"],
+                                 "in_proj_bias": sd[b + "attn.in_proj_bias"],
+                                 "out_proj.weight": sd[b + "attn.out_proj.weight"],
+                                 "out_proj.bias": sd[b + "attn.out_proj.bias"]})
+            mha.eval()
+            h = F.layer_norm(x, (w,), sd[b + "ln_1.weight"], sd[b + "ln_1.bias"])
+            x = x + mha(h, h, h, need_weights=False, attn_mask=mask)[0]
+            h = F.layer_norm(x, (w,), sd[b + "ln_2.weight"], sd[b + "ln_2.bias"])
+            h = F.gelu(F.linear(h, sd[b + "mlp.c_fc.weight"], sd[b + "mlp.c_fc.bias"]))
+            x = x + F.linear(h, sd[b + "mlp.c_proj.weight"], sd[b + "mlp.c_proj.bias"])
+            i += 1
+        return x
+
+    with torch.no_grad():
+        L = ids.shape[1]
+        mask = torch.full((L, L), float("-inf")).triu(1)
+        t = sd["token_embedding.weight"][ids] + sd["positional_embedding"][:L]
+        t = blocks(t, "", text_heads, mask)
+        t = F.layer_norm(t, (t.shape[-1],), sd["ln_final.weight"], sd["ln_final.bias"])
+        t = t[torch.arange(t.shape[0]), ids.argmax(dim=-1)] @ sd["text_projection"]
+        x = F.conv2d(pix, sd["visual.conv1.weight"], stride=sd["visual.conv1.weight"].shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = sd["visual.class_embedding"].expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + sd["visual.positional_embedding"]
+        x = F.layer_norm(x, (x.shape[-1],), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
+        x = blocks(x, "visual.", vision_heads)
+        v = F.layer_norm(x[:, 0], (x.shape[-1],), sd["visual.ln_post.weight"],
+                         sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+    return F.normalize(t, dim=-1), F.normalize(v, dim=-1)
+
+
+def _open_clip_val_transform(img, size):
+    """torchvision's Resize(size, BICUBIC) + CenterCrop(size) + ToTensor + Normalize."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    img = img.resize((nw, nh), Image.BICUBIC)
+    top, left = round((nh - size) / 2), round((nw - size) / 2)
+    a = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float64) / 255
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    assert scale > 0
+    return torch.from_numpy(((a - mean) / std).transpose(2, 0, 1)).float()
+
+
+def test_hpsv2_is_open_clip_cosine(clip_dir, images, tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(clip_dir)
+    sd = _open_clip_state(len(tok))
+    f = tmp_path / "HPS_v2_compressed.pt"
+    torch.save({"state_dict": sd}, f)  # the layout of the published checkpoint
+    ids = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
+    eot = tok.eos_token_id
+    ids = torch.where(torch.cumsum((ids == eot).int(), 1) - (ids == eot).int() > 0, 0, ids)  # open_clip pads with 0
+    pix = torch.stack([_open_clip_val_transform(im, 32) for im in images])
+    t, v = _open_clip_forward(sd, pix, ids, vision_heads=2, text_heads=2)
+    want = (t * v).sum(-1)  # hpsv2 img_score.py: diag(image_features @ text_features.T)
+    from ddspo_fast.evaluation.scorers.hpsv2 import HPSv2
+
+    got = HPSv2(f, tokenizer=clip_dir).score(images, PROMPTS)
+    assert got == pytest.approx(want.tolist(), abs=2e-5)
+    assert abs(got[0] - got[1]) > 1e-4
+    via_registry = load_scorer("hpsv2", {"hpsv2": f, "clip": clip_dir}).score(images, PROMPTS)
+    assert via_registry == pytest.approx(got, abs=1e-6)
+
+
+def test_hpsv2_refuses_other_files(clip_dir, tmp_path):
+    f = tmp_path / "not_clip.pt"
+    torch.save({"state_dict": {"layers.0.weight": torch.zeros(2, 2)}}, f)
+    with pytest.raises(ValueError, match="hpsv2: not an open_clip CLIP state dict"):
+        load_scorer("hpsv2", {"hpsv2": f, "clip": clip_dir})
+    with pytest.raises(ValueError, match="hpsv2: .* is a folder"):
+        load_scorer("hpsv2", {"hpsv2": tmp_path, "clip": clip_dir})

@@ -80,7 +80,9 @@ def add_arguments(p) -> None:
     p.add_argument("--aesthetic", default=None, metavar="FILE",
                    help="LAION aesthetic predictor MLP (sac+logos+ava1-l14-linearMSE.pth); uses --clip "
                         "(ViT-L/14)")
-    p.add_argument("--hpsv2", default=None, metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--hpsv2", default=None, metavar="FILE",
+                   help="HPS checkpoint (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt); its tokenizer "
+                        "is --clip's")
     p.add_argument("--imagereward", default=None, metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--format", choices=("geneval", "t2i-compbench"), default=None,
                    help="only generate, into this benchmark's image folder layout (needs --out)")
@@ -147,11 +149,13 @@ def _usage(args) -> None:
                        "reports go there)")
     if args.against is not None:
         for m in args.metrics or ["clip"]:
-            if getattr(args, m) is None and m != "imagereward" and m != "hpsv2":
+            if getattr(args, m) is None and m != "imagereward":
                 raise CLIError(f"argument --{m}: --metrics {m} needs --{m} {METRIC_FLAGS[m]}")
         if "aesthetic" in (args.metrics or []) and args.clip is None:
             raise CLIError("argument --clip: --metrics aesthetic needs --clip DIR (the CLIP "
                            "ViT-L/14 its MLP reads)")
+        if "hpsv2" in (args.metrics or []) and args.clip is None:
+            raise CLIError("argument --clip: --metrics hpsv2 needs --clip DIR (its CLIP tokenizer)")
 
 
 def run(args) -> int:

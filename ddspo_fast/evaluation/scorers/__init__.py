@@ -10,7 +10,6 @@ from .base import Scorer
 
 METRICS = ("clip", "pickscore", "hpsv2", "imagereward", "aesthetic")
 NOT_YET = {
-    "hpsv2": "HPSv2 needs open_clip's ViT-H-14, and open-clip-torch needs torchvision",
     "imagereward": "ImageReward's BLIP checkpoint has no loader here yet",
 }
 
@@ -31,5 +30,9 @@ def load_scorer(name: str, weights: dict, device="cpu") -> Scorer:
         from .aesthetic import AestheticScore
 
         return AestheticScore(weights.get("aesthetic"), device, clip=weights.get("clip"))
+    if name == "hpsv2":
+        from .hpsv2 import HPSv2
+
+        return HPSv2(weights.get("hpsv2"), device, tokenizer=weights.get("clip"))
     raise ValueError(f"{name}: not available in this version ({NOT_YET[name]}); score the "
                      "saved images with its own package")
