@@ -99,7 +99,7 @@ def _text_encoder_dir(clip, tmp_path):
     (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "hpsv2"],
      ["argument --hpsv2:", "needs --hpsv2 FILE"]),
     (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "imagereward"],
-     ["argument --imagereward:", "not available"]),
+     ["argument --imagereward:", "needs --imagereward DIR"]),
     (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "hpsv2", "--hpsv2", c],
      ["argument --hpsv2:", "is a folder"]),
     (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "clip,fid"], ["--metrics"]),

@@ -41,16 +41,17 @@ def assets(tmp_path_factory):
     torch.save(_mlp(16), root / "aesthetic.pth")
     from transformers import CLIPTokenizer
 
-    from test_evaluate_scorers import _open_clip_state
+    from test_evaluate_scorers import _open_clip_state, imagereward_folder
 
     torch.save({"state_dict": _open_clip_state(len(CLIPTokenizer.from_pretrained(clip)))},
                root / "hps.pt")
     weights = {"clip": clip, "pickscore": clip, "aesthetic": str(root / "aesthetic.pth"),
-               "hpsv2": str(root / "hps.pt")}
+               "hpsv2": str(root / "hps.pt"),
+               "imagereward": str(imagereward_folder(root / "ImageReward")[0])}
     return base, str(run), weights
 
 
-METRICS = ["clip", "pickscore", "hpsv2", "aesthetic"]
+METRICS = ["clip", "pickscore", "hpsv2", "imagereward", "aesthetic"]
 
 
 def _compare(assets, out=None, **kw):

@@ -1,6 +1,7 @@
 """Each scorer against an independent computation of its upstream formula, on tiny random
 weights built here (nothing downloaded): a fixed image and prompt, fp32 rounding."""
 
+import json
 import math
 
 import pytest
@@ -125,12 +126,6 @@ def test_wrong_scorer_folders_are_named(tmp_path, make, fragment, metric):
         load_scorer(metric, {metric: d})
 
 
-@pytest.mark.parametrize("metric", ["imagereward"])
-def test_scorers_not_yet_available_say_so(metric):
-    with pytest.raises(ValueError, match=f"^{metric}: not available in this version"):
-        load_scorer(metric, {})
-
-
 def _open_clip_state(vocab, seed=7, wv=160, wt=128, embed=16, patch=8, size=32, layers=2, ctx=77):
     """A random open_clip CLIP state dict (ViT-H-14's layout at a tiny size)."""
     g = torch.Generator().manual_seed(seed)
@@ -242,3 +237,128 @@ def test_hpsv2_refuses_other_files(clip_dir, tmp_path):
         load_scorer("hpsv2", {"hpsv2": f, "clip": clip_dir})
     with pytest.raises(ValueError, match="hpsv2: .* is a folder"):
         load_scorer("hpsv2", {"hpsv2": tmp_path, "clip": clip_dir})
+
+
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "red",
+              "car", "on", "the", "street"]
+
+
+def imagereward_folder(root, seed=11, text_w=32, vis_w=128, layers=2, patch=16, size=32):
+    """A tiny ImageReward folder in the upstream layout: ImageReward.pt (BLIP key names),
+    med_config.json, a bert tokenizer (vocab.txt)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05  # noqa: E731
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
+    vocab = len(BERT_WORDS) + 2  # + BLIP's [DEC] and [ENC]
+    med = {"vocab_size": vocab, "hidden_size": text_w, "num_hidden_layers": layers,
+           "num_attention_heads": 2, "intermediate_size": 2 * text_w, "max_position_embeddings": 40,
+           "layer_norm_eps": 1e-12, "hidden_act": "gelu", "pad_token_id": 0, "encoder_width": vis_w,
+           "add_cross_attention": True, "model_type": "bert"}
+    (root / "med_config.json").write_text(json.dumps(med))
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    sd = {v + "cls_token": r(1, 1, vis_w), v + "pos_embed": r(1, (size // patch) ** 2 + 1, vis_w),
+          v + "patch_embed.proj.weight": r(vis_w, 3, patch, patch), v + "patch_embed.proj.bias": r(vis_w),
+          v + "norm.weight": 1 + r(vis_w), v + "norm.bias": r(vis_w),
+          t + "embeddings.word_embeddings.weight": r(vocab, text_w),
+          t + "embeddings.position_embeddings.weight": r(40, text_w),
+          t + "embeddings.LayerNorm.weight": 1 + r(text_w), t + "embeddings.LayerNorm.bias": r(text_w)}
+    for i in range(layers):
+        b = f"{v}blocks.{i}."
+        for name, shape in (("norm1", None), ("norm2", None), ("attn.qkv", (3 * vis_w, vis_w)),
+                            ("attn.proj", (vis_w, vis_w)), ("mlp.fc1", (4 * vis_w, vis_w)),
+                            ("mlp.fc2", (vis_w, 4 * vis_w))):
+            sd[b + name + ".weight"] = 1 + r(vis_w) if shape is None else r(*shape)
+            sd[b + name + ".bias"] = r(vis_w if shape is None else shape[0])
+        b = f"{t}encoder.layer.{i}."
+        for att, kv_in in (("attention", text_w), ("crossattention", vis_w)):
+            sd[b + att + ".self.query.weight"], sd[b + att + ".self.query.bias"] = r(text_w, text_w), r(text_w)
+            for k in ("key", "value"):
+                sd[f"{b}{att}.self.{k}.weight"], sd[f"{b}{att}.self.{k}.bias"] = r(text_w, kv_in), r(text_w)
+            sd[b + att + ".output.dense.weight"], sd[b + att + ".output.dense.bias"] = r(text_w, text_w), r(text_w)
+            sd[b + att + ".output.LayerNorm.weight"], sd[b + att + ".output.LayerNorm.bias"] = 1 + r(text_w), r(text_w)
+        sd[b + "intermediate.dense.weight"], sd[b + "intermediate.dense.bias"] = r(2 * text_w, text_w), r(2 * text_w)
+        sd[b + "output.dense.weight"], sd[b + "output.dense.bias"] = r(text_w, 2 * text_w), r(text_w)
+        sd[b + "output.LayerNorm.weight"], sd[b + "output.LayerNorm.bias"] = 1 + r(text_w), r(text_w)
+    sd.update({f"mlp.{k}": x for k, x in _mlp_state(text_w, seed=seed).items()})
+    torch.save(sd, root / "ImageReward.pt")
+    return root, sd
+
+
+def _blip_reward(sd, pix, ids, mask, text_heads=2, vis_heads=2):
+    """ImageReward.score written out: BLIP ViT (fused qkv, eps 1e-6) -> BERT with
+    cross-attention to every image token (eps 1e-12) -> [CLS] -> MLP -> standardise."""
+    import torch.nn.functional as F
+
+    def mha(q_in, kv_in, p, heads, key_mask=None):
+        q = F.linear(q_in, sd[p + "query.weight"], sd[p + "query.bias"])
+        k = F.linear(kv_in, sd[p + "key.weight"], sd[p + "key.bias"])
+        v = F.linear(kv_in, sd[p + "value.weight"], sd[p + "value.bias"])
+        B, L, D = q.shape
+        sh = lambda x: x.view(B, -1, heads, D // heads).transpose(1, 2)  # noqa: E731
+        s = sh(q) @ sh(k).transpose(-1, -2) / math.sqrt(D // heads)
+        if key_mask is not None:
+            s = s + (1.0 - key_mask[:, None, None, :].float()) * -10000.0
+        return (s.softmax(-1) @ sh(v)).transpose(1, 2).reshape(B, L, D)
+
+    with torch.no_grad():
+        v = "blip.visual_encoder."
+        w = sd[v + "patch_embed.proj.weight"]
+        x = F.conv2d(pix, w, sd[v + "patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+        x = torch.cat([sd[v + "cls_token"].expand(x.shape[0], -1, -1), x], 1) + sd[v + "pos_embed"]
+        i = 0
+        while f"{v}blocks.{i}.norm1.weight" in sd:
+            b = f"{v}blocks.{i}."
+            D = x.shape[-1]
+            h = F.layer_norm(x, (D,), sd[b + "norm1.weight"], sd[b + "norm1.bias"], 1e-6)
+            q, k, vv = F.linear(h, sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]).chunk(3, -1)
+            sh = lambda y: y.view(y.shape[0], -1, vis_heads, D // vis_heads).transpose(1, 2)  # noqa: E731
+            a = (sh(q) @ sh(k).transpose(-1, -2) / math.sqrt(D // vis_heads)).softmax(-1) @ sh(vv)
+            x = x + F.linear(a.transpose(1, 2).reshape(x.shape), sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
+            h = F.layer_norm(x, (D,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], 1e-6)
+            x = x + F.linear(F.gelu(F.linear(h, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])),
+                             sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
+            i += 1
+        img = F.layer_norm(x, (x.shape[-1],), sd[v + "norm.weight"], sd[v + "norm.bias"], 1e-6)
+
+        t = "blip.text_encoder."
+        D = sd[t + "embeddings.word_embeddings.weight"].shape[1]
+        ln = lambda y, p: F.layer_norm(y, (D,), sd[p + ".weight"], sd[p + ".bias"], 1e-12)  # noqa: E731
+        x = sd[t + "embeddings.word_embeddings.weight"][ids] + sd[t + "embeddings.position_embeddings.weight"][:ids.shape[1]]
+        x = ln(x, t + "embeddings.LayerNorm")
+        i = 0
+        while f"{t}encoder.layer.{i}.attention.self.query.weight" in sd:
+            b = f"{t}encoder.layer.{i}."
+            for att, kv, m in (("attention", None, mask), ("crossattention", img, None)):
+                a = mha(x, x if kv is None else kv, b + att + ".self.", text_heads, m)
+                x = ln(F.linear(a, sd[b + att + ".output.dense.weight"], sd[b + att + ".output.dense.bias"]) + x,
+                       b + att + ".output.LayerNorm")
+            h = F.gelu(F.linear(x, sd[b + "intermediate.dense.weight"], sd[b + "intermediate.dense.bias"]))
+            x = ln(F.linear(h, sd[b + "output.dense.weight"], sd[b + "output.dense.bias"]) + x, b + "output.LayerNorm")
+            i += 1
+        y = x[:, 0].double()
+        for idx in (0, 2, 4, 6, 7):
+            y = y @ sd[f"mlp.layers.{idx}.weight"].double().T + sd[f"mlp.layers.{idx}.bias"].double()
+    return ((y.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072).tolist()
+
+
+def test_imagereward_is_blip_reward(images, tmp_path):
+    from transformers import BertTokenizer
+
+    folder, sd = imagereward_folder(tmp_path / "ImageReward")
+    tok = BertTokenizer(str(folder / "vocab.txt"))
+    enc = tok(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    pix = torch.stack([_open_clip_val_transform(im, 32) for im in images])
+    want = _blip_reward(sd, pix, enc["input_ids"], enc["attention_mask"])
+    got = load_scorer("imagereward", {"imagereward": folder}).score(images, PROMPTS)
+    assert got == pytest.approx(want, abs=2e-5)
+    assert abs(got[0] - got[1]) > 1e-4
+
+
+def test_imagereward_refuses_incomplete_folders(tmp_path):
+    folder, _ = imagereward_folder(tmp_path / "ir")
+    (folder / "med_config.json").unlink()
+    with pytest.raises(ValueError, match="imagereward: cannot read .*med_config.json"):
+        load_scorer("imagereward", {"imagereward": folder})
+    with pytest.raises(ValueError, match="imagereward: .* is a file"):
+        load_scorer("imagereward", {"imagereward": folder / "ImageReward.pt"})

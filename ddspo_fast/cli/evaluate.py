@@ -83,7 +83,8 @@ def add_arguments(p) -> None:
     p.add_argument("--hpsv2", default=None, metavar="FILE",
                    help="HPS checkpoint (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt); its tokenizer "
                         "is --clip's")
-    p.add_argument("--imagereward", default=None, metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--imagereward", default=None, metavar="DIR",
+                   help="ImageReward folder (ImageReward.pt, med_config.json, bert-base-uncased tokenizer files)")
     p.add_argument("--format", choices=("geneval", "t2i-compbench"), default=None,
                    help="only generate, into this benchmark's image folder layout (needs --out)")
     p.add_argument("--num-images-per-prompt", type=positive_int("--num-images-per-prompt"), default=None,
@@ -149,7 +150,7 @@ def _usage(args) -> None:
                        "reports go there)")
     if args.against is not None:
         for m in args.metrics or ["clip"]:
-            if getattr(args, m) is None and m != "imagereward":
+            if getattr(args, m) is None:
                 raise CLIError(f"argument --{m}: --metrics {m} needs --{m} {METRIC_FLAGS[m]}")
         if "aesthetic" in (args.metrics or []) and args.clip is None:
             raise CLIError("argument --clip: --metrics aesthetic needs --clip DIR (the CLIP "

@@ -9,9 +9,6 @@ from __future__ import annotations
 from .base import Scorer
 
 METRICS = ("clip", "pickscore", "hpsv2", "imagereward", "aesthetic")
-NOT_YET = {
-    "imagereward": "ImageReward's BLIP checkpoint has no loader here yet",
-}
 
 
 def load_scorer(name: str, weights: dict, device="cpu") -> Scorer:
@@ -34,5 +31,6 @@ def load_scorer(name: str, weights: dict, device="cpu") -> Scorer:
         from .hpsv2 import HPSv2
 
         return HPSv2(weights.get("hpsv2"), device, tokenizer=weights.get("clip"))
-    raise ValueError(f"{name}: not available in this version ({NOT_YET[name]}); score the "
-                     "saved images with its own package")
+    from .imagereward import ImageReward
+
+    return ImageReward(weights.get("imagereward"), device)

@@ -125,3 +125,28 @@ def image_embeddings(model, processor, images, device, batch: int = 16):
             v = model.get_image_features(pixel_values=pix.to(device, model.dtype))
         vs.append(getattr(v, "pooler_output", v).float())
     return torch.nn.functional.normalize(torch.cat(vs), dim=-1)
+
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, open_clip's default
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_val_transform(image, size: int):
+    """CLIP's validation transform as open_clip and ImageReward apply it with torchvision:
+    Resize(size, bicubic) on the shortest side, CenterCrop(size) (offsets rounded as
+    torchvision rounds them), to [0, 1], normalise with OpenAI CLIP's mean / std."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    nw, nh = (size, new_long) if w <= h else (new_long, size)
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]

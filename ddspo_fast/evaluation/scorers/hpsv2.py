@@ -18,33 +18,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import load_state_dict_file, need_path
+from .base import clip_val_transform, load_state_dict_file, need_path
 
 WHAT = "the HPS checkpoint file (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)"
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, open_clip's default
-STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def open_clip_preprocess(image, size: int):
-    """open_clip's validation transform: Resize(size, bicubic) on the shortest side,
-    CenterCrop(size), to [0, 1], normalise."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    image = image.convert("RGB")
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    nw, nh = (size, new_long) if w <= h else (new_long, size)
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.BICUBIC)
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
-
-
 def _layers(sd: dict, prefix: str) -> int:
     pat = re.compile(rf"^{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
     return 1 + max((int(m[1]) for k in sd if (m := pat.match(k))), default=-1)
@@ -154,7 +130,7 @@ class HPSv2:
 
         out = []
         for s in range(0, len(images), 16):
-            pix = torch.stack([open_clip_preprocess(im, self.size) for im in images[s:s + 16]])
+            pix = torch.stack([clip_val_transform(im, self.size) for im in images[s:s + 16]])
             tok = self.tokenizer(list(prompts[s:s + 16]), padding="max_length", truncation=True,
                                  max_length=self.context, return_tensors="pt").to(self.device)
             with torch.no_grad():
