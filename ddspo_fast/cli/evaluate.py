@@ -145,6 +145,11 @@ def _usage(args) -> None:
             raise CLIError("argument --metrics: only used with --against")
         if args.clip is None:
             raise CLIError("argument --clip: required to score MODEL alone (or give --against / --format)")
+    if args.format is not None:
+        used = [f"--{m}" for m in METRIC_FLAGS if m != "clip" and getattr(args, m) is not None]
+        if args.metrics is not None or used:
+            raise CLIError(f"argument {(used or ['--metrics'])[0]}: not used with --format (the "
+                           "benchmark's own scorer scores the folder)")
     if (args.against is not None or args.format is not None) and args.out is None:
         raise CLIError("argument --out: required with --against and --format (the images and "
                        "reports go there)")
