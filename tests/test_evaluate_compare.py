@@ -123,6 +123,12 @@ def test_paired_scores_report_grid_and_resume(assets, tmp_path, monkeypatch):
     assert [w for w in writes if w.suffix == ".png"] == []
     for m in METRICS:
         assert again["metrics"][m] == pytest.approx(res["metrics"][m])
+    # and the interrupted-then-resumed evaluation scores what an uninterrupted one does (the
+    # batches differ, so a pixel may round differently: 8-bit images, fp32 sampling)
+    whole = _compare(assets, tmp_path / "whole", metrics=["pickscore", "imagereward"])
+    for m in ("pickscore", "imagereward"):
+        for k in ("run_mean", "base_mean"):
+            assert whole["metrics"][m][k] == pytest.approx(res["metrics"][m][k], rel=1e-3, abs=1e-3)
 
 
 def test_a_folder_made_with_other_settings_is_refused(assets, tmp_path):
