@@ -20,7 +20,7 @@ DESCRIPTION = (
     "CLIP score (100 * max(cos(image, text), 0)) with a local --clip model. With --against BASE: "
     "both models sample the same prompts with the same seeds, every --metrics scorer scores both, "
     "and --out receives scores.json / scores.csv (per prompt and per metric), report.md (means, "
-    "the mean difference with a bootstrap 95%% interval, the win rate), grid.png (base | run) and "
+    "the mean difference with a bootstrap 95% interval, the win rate), grid.png (base | run) and "
     "curves.png (the run's training curves). With --format geneval / t2i-compbench the images "
     "are written in that benchmark's folder layout for its own scorer. Images already in --out "
     "are kept and skipped, so a killed evaluation continues where it stopped.")
