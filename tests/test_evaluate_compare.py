@@ -161,6 +161,14 @@ def test_bad_input_is_named_and_nothing_is_written(assets, tmp_path, change, msg
     assert not (Path(assets[0]) / "run").exists()
 
 
+def test_a_damaged_image_is_named(assets, tmp_path):
+    out = tmp_path / "eval"
+    _compare(assets, out, metrics=["clip"], num_images_per_prompt=1)
+    (out / "base" / "0001_0.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="out_dir: .*0001_0.png is not a readable image"):
+        _compare(assets, out, metrics=["clip"], num_images_per_prompt=1)
+
+
 def test_models_of_different_families_are_refused(assets, tmp_path):
     from ddspo_fast.evaluation.sources import ModelSource
 

@@ -88,8 +88,12 @@ def generate(pipe, prompts: Sequence[str], num_images_per_prompt: int, *, steps:
     for key in jobs:
         f = path_of(*key) if path_of is not None else None
         if f is not None and f.is_file():
-            with Image.open(f) as im:
-                images[key] = im.convert("RGB")
+            try:
+                with Image.open(f) as im:
+                    images[key] = im.convert("RGB")
+            except (OSError, ValueError) as e:  # written atomically, so damaged afterwards
+                raise ValueError(f"out_dir: {f} is not a readable image ({type(e).__name__}); "
+                                 "delete it and rerun to generate it again") from e
         else:
             todo.append(key)
     device = pipe.device

@@ -60,8 +60,8 @@ def write_model_card(out_dir, *, base_model: str, train_config: dict | None = No
     lines = ["---", data.to_yaml(), "---", "",
              f"# {objective.upper()} fine-tune of {Path(str(base_model)).name}", "",
              f"{kind.capitalize()} for `{base_model}`, preference-tuned with "
-             f"{'DDSPO (arXiv 2512.23426)' if objective == 'ddspo' else objective} using "
-             "[ddspo_fast](https://github.com/).", "",
+             f"{'DDSPO (arXiv 2512.23426)' if objective == 'ddspo' else objective} with "
+             "ddspo_fast.", "",
              "## Use", "", "```python", "from diffusers import DiffusionPipeline", "",
              f'pipe = DiffusionPipeline.from_pretrained("{base_model}")' if lora else
              'pipe = DiffusionPipeline.from_pretrained("THIS_REPO")',
