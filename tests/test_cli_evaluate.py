@@ -104,6 +104,10 @@ def _text_encoder_dir(clip, tmp_path):
      ["argument --hpsv2:", "is a folder"]),
     (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "clip,fid"], ["--metrics"]),
     (lambda m, c, t: ["--pickscore", c], ["argument --pickscore:", "only used with --against"]),
+    (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--fid-reference", c],
+     ["argument --fid-inception:", "needs --fid-inception FILE"]),
+    (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--fid-reference", str(t / "nope"),
+                      "--fid-inception", str(t / "file.txt")], ["argument --fid-reference:", "not a folder"]),
 ])
 def test_more_bad_arguments_are_one_line(assets, tmp_path, change, fragments, capsys):
     import torch

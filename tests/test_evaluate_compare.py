@@ -248,3 +248,29 @@ def test_geneval_and_t2i_compbench_layouts(assets, tmp_path):
     p.write_text("a cat / a dog\n")
     with pytest.raises(ValueError, match="prompts: prompt 1 cannot be a file name"):
         render_benchmark(base, "t2i-compbench", p, tmp_path / "t2i-2", steps=2, device="cpu")
+
+
+def test_fid_of_each_model_against_a_reference_folder(assets, tmp_path):
+    pytest.importorskip("torchmetrics", reason="FID uses torchmetrics (pip install torchmetrics)")
+    from PIL import Image
+    from test_evaluate_scorers import _PoolFeatures
+
+    from ddspo_fast.evaluation.scorers.fid import FID
+
+    base, run, weights = assets
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    g = torch.Generator().manual_seed(4)
+    for i in range(5):
+        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(ref / f"{i}.png")
+    res = compare(run, base, PROMPTS, metrics=["clip"], weights={**weights, "fid": _PoolFeatures()},
+                  out_dir=tmp_path / "eval", num_images_per_prompt=1, steps=2, device="cpu",
+                  fid_reference=ref, resamples=500)
+    f = res["fid"]
+    with_images = lambda side: [Image.open(tmp_path / "eval" / side / f"{i:04d}_0.png").convert("RGB")  # noqa: E731
+                                for i in range(len(PROMPTS))]
+    direct = FID(_PoolFeatures(), ref)
+    assert f["run"] == pytest.approx(direct.score_set(with_images("run")), rel=1e-6)
+    assert f["base"] == pytest.approx(direct.score_set(with_images("base")), rel=1e-6)
+    assert f["diff"] == pytest.approx(f["run"] - f["base"]) and f["reference_images"] == 5
+    assert "FID (lower is better" in (tmp_path / "eval" / "report.md").read_text()

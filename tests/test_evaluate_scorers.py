@@ -362,3 +362,54 @@ def test_imagereward_refuses_incomplete_folders(tmp_path):
         load_scorer("imagereward", {"imagereward": folder})
     with pytest.raises(ValueError, match="imagereward: .* is a file"):
         load_scorer("imagereward", {"imagereward": folder / "ImageReward.pt"})
+
+
+class _PoolFeatures(torch.nn.Module):
+    """A stand-in feature network (uint8 images -> 6 features) for FID's arithmetic."""
+
+    def forward(self, x):
+        x = x.float() / 255
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)
+
+
+def _frechet(a, b):
+    """Heusel et al.'s FID between two feature sets, written with numpy / scipy."""
+    import numpy as np
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fid_is_the_frechet_distance_of_the_two_sets(tmp_path):
+    pytest.importorskip("torchmetrics", reason="FID uses torchmetrics (pip install torchmetrics)")
+    import numpy as np
+    from PIL import Image
+
+    from ddspo_fast.evaluation.scorers.fid import FID
+
+    g = torch.Generator().manual_seed(2)
+    mk = lambda: Image.fromarray((torch.rand(16, 16, 3, generator=g) ** 2 * 255).to(torch.uint8).numpy())  # noqa: E731
+    ref = [mk() for _ in range(9)]
+    gen = [Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(8)]
+    for i, im in enumerate(ref):
+        im.save(tmp_path / f"{i}.png")
+    fid = FID(_PoolFeatures(), tmp_path)
+    feats = lambda ims: torch.cat([_PoolFeatures()(torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None])  # noqa: E731
+                                   for im in ims]).double().numpy()
+    want = _frechet(feats(ref), feats(gen))
+    assert fid.reference_images == 9
+    assert fid.score_set(gen) == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert fid.score_set(ref) == pytest.approx(0.0, abs=1e-4)  # the reference set itself
+
+
+def test_fid_bad_input_is_named(tmp_path):
+    pytest.importorskip("torchmetrics", reason="FID uses torchmetrics (pip install torchmetrics)")
+    from ddspo_fast.evaluation.scorers.fid import FID
+
+    with pytest.raises(ValueError, match="fid_reference: .* holds 0 image"):
+        FID(_PoolFeatures(), tmp_path)
+    with pytest.raises(ValueError, match="fid_reference: .* is not a folder"):
+        FID(_PoolFeatures(), tmp_path / "missing")

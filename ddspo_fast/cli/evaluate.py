@@ -33,7 +33,8 @@ _ARGS = {"pipeline_or_dir": "MODEL", "run": "MODEL", "against": "--against", "pr
          "steps": "--steps", "seed": "--seed", "device": "--device", "out_dir": "--out",
          "guidance_scale": "--guidance-scale", "batch_size": "--batch-size", "dtype": "--dtype",
          "metrics": "--metrics", "base_model": "--base-model", "format": "--format",
-         "against_base_model": "--against-base-model",
+         "against_base_model": "--against-base-model", "fid_reference": "--fid-reference",
+         "fid": "--fid-inception",
          **{m: f"--{m}" for m in METRIC_FLAGS}}
 
 
@@ -85,6 +86,11 @@ def add_arguments(p) -> None:
                         "is --clip's")
     p.add_argument("--imagereward", default=None, metavar="DIR",
                    help="ImageReward folder (ImageReward.pt, med_config.json, bert-base-uncased tokenizer files)")
+    p.add_argument("--fid-reference", default=None, metavar="DIR",
+                   help="with --against: also the FID of each model's images against the images in DIR "
+                        "(needs --fid-inception, torchmetrics and torch-fidelity)")
+    p.add_argument("--fid-inception", default=None, metavar="FILE",
+                   help="FID's Inception weights (pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--format", choices=("geneval", "t2i-compbench"), default=None,
                    help="only generate, into this benchmark's image folder layout (needs --out)")
     p.add_argument("--num-images-per-prompt", type=positive_int("--num-images-per-prompt"), default=None,
@@ -143,6 +149,8 @@ def _usage(args) -> None:
                                "with --clip)")
         if args.metrics is not None:
             raise CLIError("argument --metrics: only used with --against")
+        if args.fid_reference is not None:
+            raise CLIError("argument --fid-reference: only used with --against")
         if args.clip is None:
             raise CLIError("argument --clip: required to score MODEL alone (or give --against / --format)")
     if args.format is not None:
@@ -160,6 +168,9 @@ def _usage(args) -> None:
         if "aesthetic" in (args.metrics or []) and args.clip is None:
             raise CLIError("argument --clip: --metrics aesthetic needs --clip DIR (the CLIP "
                            "ViT-L/14 its MLP reads)")
+        if args.fid_reference is not None and args.fid_inception is None:
+            raise CLIError("argument --fid-inception: --fid-reference needs --fid-inception FILE "
+                           "(pt_inception-2015-12-05-6726825d.pth)")
         if "hpsv2" in (args.metrics or []) and args.clip is None:
             raise CLIError("argument --clip: --metrics hpsv2 needs --clip DIR (its CLIP tokenizer)")
 
@@ -215,11 +226,14 @@ def _compare(args, progress) -> dict:
 
     prompts = _read_prompts(args.prompts)
     weights = {m: getattr(args, m) for m in METRIC_FLAGS if getattr(args, m) is not None}
+    if args.fid_inception is not None:
+        weights["fid"] = args.fid_inception
     result = compare(args.model, args.against, prompts, metrics=args.metrics or ["clip"],
                      weights=weights, out_dir=args.out, base_model=args.base_model,
                      against_base_model=args.against_base_model,
                      num_images_per_prompt=args.num_images_per_prompt or 1, progress=progress,
-                     update_card=not args.no_card, **_common(args))
+                     update_card=not args.no_card, fid_reference=args.fid_reference,
+                     **_common(args))
     if not args.json:
         from ..evaluation.report import score_table
 

@@ -182,7 +182,7 @@ def compare(run, against, prompts: Sequence[str], *, metrics: Sequence[str] = ("
             seed: int = 0, guidance_scale: float | None = None, batch_size: int = 4,
             device=None, dtype: str | None = None, base_model=None,
             against_base_model=None, progress: bool = False, resamples: int = 10_000,
-            update_card: bool = True) -> dict:
+            update_card: bool = True, fid_reference=None) -> dict:
     """``run`` against ``against`` (its base, or another run): the same prompts and seeds,
     each metric's per-prompt scores for both, and per metric the means, the mean difference
     with a bootstrap 95% interval and the win rate with its interval (``stats``).
@@ -191,6 +191,8 @@ def compare(run, against, prompts: Sequence[str], *, metrics: Sequence[str] = ("
     missing ones), ``scores.json``, ``scores.csv``, ``report.md``, ``grid.png`` and, when
     the run has a ``metrics.jsonl``, ``curves.png``. With ``update_card`` a model card
     (README.md with ddspo-fast metadata) in ``run`` gets the score table and the grid.
+    With ``fid_reference`` (a folder of reference images) each model's image set also gets
+    its FID against it (``weights["fid"]``: the Inception weights file).
     """
     _check_common(prompts, num_images_per_prompt, steps, seed, guidance_scale, batch_size)
     prompts = list(prompts)
@@ -203,6 +205,7 @@ def compare(run, against, prompts: Sequence[str], *, metrics: Sequence[str] = ("
     device = _device(device)
     out = check_output(out_dir, {"run": run, "against": against, "base_model": base_model,
                                  "against_base_model": against_base_model,
+                                 "fid_reference": fid_reference,
                                  **{k: v for k, v in weights.items()}})
     srcs = {}
     for arg, model, base in (("run", run, base_model), ("against", against, against_base_model)):
@@ -214,6 +217,11 @@ def compare(run, against, prompts: Sequence[str], *, metrics: Sequence[str] = ("
             raise ValueError(f"against: {against} is a {fa} model but {run} is {fr}; compare "
                              "models of one family")
     scorers = {m: load_scorer(m, weights, device) for m in metrics}  # fail before generating
+    fid = None
+    if fid_reference is not None:
+        from .scorers.fid import FID
+
+        fid = FID(weights.get("fid"), fid_reference, device)
 
     images = {}
     for label, arg, model, base in (("run", "run", run, base_model),
@@ -255,6 +263,12 @@ def compare(run, against, prompts: Sequence[str], *, metrics: Sequence[str] = ("
                            "device": str(device), "prompts": k,
                            "weights": {m: str(weights.get(m)) for m in weights}},
               "files": {}}
+    if fid is not None:
+        all_images = {side: [images[side][key] for key in jobs] for side in ("run", "base")}
+        f_run, f_base = fid.score_set(all_images["run"]), fid.score_set(all_images["base"])
+        result["fid"] = {"run": f_run, "base": f_base, "diff": f_run - f_base,
+                         "reference": str(fid_reference),
+                         "reference_images": fid.reference_images, "higher_is_better": False}
     rep.write_csv(out / "scores.csv", result)
     rep.write_grid(out / "grid.png", result, images, metrics)
     result["files"] = {"scores": "scores.json", "csv": "scores.csv", "report": "report.md",

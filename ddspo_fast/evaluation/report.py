@@ -38,6 +38,10 @@ def score_table(result: dict) -> str:
         rows.append(f"| {m}{better} | {s['base_mean']:.4g} | {s['run_mean']:.4g} | "
                     f"{s['mean_diff']:+.4g} ({lo:+.4g}, {hi:+.4g}) | "
                     f"{100 * s['win_rate']:.0f}% ({100 * wl:.0f}%, {100 * wh:.0f}%) |")
+    f = result.get("fid")
+    if f is not None:  # one number per image set: no interval, no win rate
+        rows.append(f"| FID (lower is better; {f['reference_images']} reference images) | "
+                    f"{f['base']:.4g} | {f['run']:.4g} | {f['diff']:+.4g} | |")
     return "\n".join(rows)
 
 
