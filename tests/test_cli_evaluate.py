@@ -59,3 +59,85 @@ def test_empty_prompts_file(assets, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("\n\n")
     assert cli.main(["evaluate", model, "--prompts", str(tmp_path / "p.txt"), "--clip", clip]) == 1
     assert_one_line_error(capsys.readouterr().err, "argument --prompts:", "no prompts")
+
+
+def test_json_into_a_closed_pipe_exits_quietly(assets, tmp_path):
+    import subprocess
+    import sys
+
+    from _cli_helpers import ROOT, subprocess_env
+
+    model, clip, prompts = assets
+    cmd = (f"{sys.executable} -m ddspo_fast evaluate {model} --prompts {prompts} --clip {clip} "
+           "--steps 1 --device cpu --threads 1 --json | head -n 1")
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                         cwd=ROOT, env=subprocess_env(), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "{\n" and "BrokenPipe" not in res.stderr and "Traceback" not in res.stderr
+
+
+def _text_encoder_dir(clip, tmp_path):
+    from transformers import CLIPModel
+
+    d = tmp_path / "text_encoder"
+    CLIPModel.from_pretrained(clip).text_model.save_pretrained(d)  # config model_type clip_text_model
+    return d
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (lambda m, c, t: ["--clip", m], ["argument --clip:", "diffusers pipeline folder", "CLIP model folder"]),
+    (lambda m, c, t: ["--clip", str(_text_encoder_dir(c, t))], ["argument --clip:", "text encoder alone"]),
+    (lambda m, c, t: ["--guidance-scale", "inf"], ["--guidance-scale", "finite"]),
+    (lambda m, c, t: ["--guidance-scale", "nan"], ["--guidance-scale", "finite"]),
+    (lambda m, c, t: ["--out", str(t / "file.txt")], ["argument --out:", "is a file"]),
+    (lambda m, c, t: ["--out", m], ["argument --out:", "overlaps the input"]),
+    (lambda m, c, t: ["--device", "cuda"], ["argument --device:", "cuda"]),
+    (lambda m, c, t: ["--seed", str(2 ** 70)], ["argument --seed:"]),
+    (lambda m, c, t: ["--against", m], ["argument --out:", "required"]),
+    (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "pickscore"],
+     ["argument --pickscore:", "needs --pickscore DIR"]),
+    (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "hpsv2"],
+     ["argument --hpsv2:", "needs --hpsv2 FILE"]),
+    (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "imagereward"],
+     ["argument --imagereward:", "needs --imagereward DIR"]),
+    (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "hpsv2", "--hpsv2", c],
+     ["argument --hpsv2:", "is a folder"]),
+    (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--metrics", "clip,fid"], ["--metrics"]),
+    (lambda m, c, t: ["--pickscore", c], ["argument --pickscore:", "only used with --against"]),
+    (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--fid-reference", c],
+     ["argument --fid-inception:", "needs --fid-inception FILE"]),
+    (lambda m, c, t: ["--against", m, "--out", str(t / "o"), "--fid-reference", str(t / "nope"),
+                      "--fid-inception", str(t / "file.txt")], ["argument --fid-reference:", "not a folder"]),
+])
+def test_more_bad_arguments_are_one_line(assets, tmp_path, change, fragments, capsys):
+    import torch
+
+    model, clip, prompts = assets
+    extra = change(model, clip, tmp_path)
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    (tmp_path / "file.txt").write_text("keep")
+    argv = ["evaluate", model, "--prompts", str(prompts), "--clip", clip, "--steps", "1", *extra]
+    if "--device" not in extra:
+        argv += ["--device", "cpu"]
+    assert cli.main(argv) in (1, 2)
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert (tmp_path / "file.txt").read_text() == "keep"
+    assert not (tmp_path / "o").exists()
+
+
+def test_against_writes_the_report(assets, tmp_path, capsys):
+    model, clip, prompts = assets
+    out = tmp_path / "eval"
+    argv = ["evaluate", model, "--against", model, "--prompts", str(prompts), "--clip", clip,
+            "--pickscore", clip, "--metrics", "clip,pickscore", "--steps", "1", "--device", "cpu",
+            "--out", str(out), "--threads", "1"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| pickscore |" in printed and "report.md" in printed
+    saved = json.loads((out / "scores.json").read_text())
+    # the same model on the same seeds: identical images, so every difference is 0 and
+    # every prompt a tie (a win rate of one half)
+    for m in ("clip", "pickscore"):
+        assert saved["metrics"][m]["mean_diff"] == 0 and saved["metrics"][m]["win_rate"] == 0.5
+    assert (out / "grid.png").is_file() and (out / "report.md").is_file()

@@ -1,5 +1,6 @@
 """The 2D toy: data, metrics, the fine-tuning rows, and a tiny end-to-end demo run."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,8 +211,10 @@ def test_pipeline_part(tmp_path):
     assert len((tmp_path / "pipe" / "prompts.jsonl").read_text().splitlines()) >= 2
     assert (tmp_path / "pipe" / "train" / "model_index.json").is_file()
     assert res["summary"]["steps"] == 2
-    assert len(list((tmp_path / "pipe" / "samples").glob("*.png"))) == 2
-    assert set(art) >= {"model", "dataset", "trained", "samples"}
+    # the trained model and its base, two prompts each, and the report beside them
+    assert len(list((tmp_path / "pipe" / "samples").glob("*/*.png"))) == 4
+    assert set(art) >= {"model", "dataset", "trained", "samples", "report", "grid", "curves"}
+    assert "| clip |" in Path(art["report"]).read_text()
 
 
 def test_sweep_table_has_every_combination():

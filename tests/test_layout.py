@@ -18,11 +18,12 @@ ALLOWED = {
     "models": set(),
     "data": {"models"},
     "train": {"loss", "models", "data"},
-    "evaluate": {"models", "data", "train"},
+    "evaluation": {"models", "data", "train"},
+    "evaluate": {"evaluation"},
     "testing": {"models", "data"},
     "bench": {"loss", "models", "data", "train", "testing"},
-    "demo": {"loss", "models", "data", "train", "testing", "evaluate"},
-    "cli": {"loss", "models", "data", "train", "testing", "evaluate", "bench", "demo"},
+    "demo": {"loss", "models", "data", "train", "testing", "evaluation", "evaluate"},
+    "cli": {"loss", "models", "data", "train", "testing", "evaluation", "evaluate", "bench", "demo"},
 }
 ALWAYS = {"_version", "fsio", "safeload"}
 

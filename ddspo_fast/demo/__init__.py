@@ -148,6 +148,10 @@ def main(argv=None) -> int:
         for name, path in pipe["artifacts"].items():
             print(f"  {name:12s} {path}")
     print(f"demo finished in {time.perf_counter() - tic:.0f}s; outputs in {out}")
+    if pipe is not None and "report" in pipe["artifacts"]:
+        report = Path(pipe["artifacts"]["report"])
+        print(f"\n== the tiny run against its base: {report} ==")
+        print(report.read_text(encoding="utf-8").strip())
     if toy is not None and not passed(toy["metrics"]):
         print("demo: the toy's verdict is FAIL (exit status 1)", file=sys.stderr)
         return 1

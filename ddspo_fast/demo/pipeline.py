@@ -1,15 +1,17 @@
 """The library's real path end to end on a tiny random SD1.5-architecture model.
 
 degrade prompts -> prepare a pair dataset (sample preferred / dispreferred latents) ->
-train a few DDSPO steps with the Trainer -> sample with the trained pipeline and score
-it with `ddspo_fast.evaluate` (a tiny random CLIP, so the score is plumbing, not
-quality). Everything is built locally; nothing is downloaded. The weights are random,
+train a few DDSPO steps with the Trainer -> sample the trained model and its base on the
+same prompts and seeds and compare them with `ddspo_fast.evaluation.compare` (report.md,
+the side-by-side grid, the training curves; a tiny random CLIP, so the scores are
+plumbing, not quality). Everything is built locally; nothing is downloaded. The weights are random,
 so the images are noise: this shows that the pieces fit and where each artifact goes.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ def run_pipeline(out, *, seed: int = 0, steps: int = 4, pairs: int = 8, threads:
 
     from ..data.degrade import degrade_prompts
     from ..data.prepare import prepare_dataset
-    from ..evaluate import evaluate
+    from ..evaluation import compare
     from ..testing import make_tiny_model
     from ..train import TrainConfig, Trainer
     from .tinyclip import make_tiny_clip
@@ -70,14 +72,21 @@ def run_pipeline(out, *, seed: int = 0, steps: int = 4, pairs: int = 8, threads:
 
         tic = time.perf_counter()
         clip = make_tiny_clip(out / "tiny-clip", seed=seed)
-        ev = evaluate(art["trained"], list(PROMPTS[:2]), clip, num_images_per_prompt=1, steps=4,
-                      seed=seed, device="cpu", out_dir=out / "samples")
+        shutil.rmtree(out / "samples", ignore_errors=True)  # this run's images, not a stale run's
+        ev = compare(art["trained"], art["model"], list(PROMPTS[:2]), metrics=["clip"],
+                     weights={"clip": clip}, out_dir=out / "samples", steps=4, seed=seed,
+                     device="cpu", resamples=1000, update_card=False)
         art["samples"] = str(out / "samples")
+        art["report"] = str(out / "samples" / "report.md")
+        for name in ("grid", "curves"):
+            if name in ev["files"]:
+                art[name] = str(out / "samples" / ev["files"][name])
         times["sample"] = time.perf_counter() - tic
-        cos = [c for r in ev["per_prompt"] for c in r["cosines"]]
-        print(f"[pipeline] sampled {ev['num_images']} images to {out / 'samples'}; CLIP score "
-              f"{ev['clip_score']:.2f}, mean cosine {sum(cos) / len(cos):+.3f} (a random tiny "
-              "CLIP: this checks the plumbing, not quality)")
+        s = ev["metrics"]["clip"]
+        print(f"[pipeline] sampled the trained model and its base on {len(ev['per_prompt'])} prompts "
+              f"with the same seeds: CLIP score {s['run_mean']:.2f} vs {s['base_mean']:.2f}. The "
+              "models and the CLIP are tiny and random, so the images are noise and a score near 0 "
+              "is expected: this checks the plumbing, not quality.")
     finally:
         torch.set_num_threads(prev_threads)
     (out / "pipeline.json").write_text(json.dumps(
