@@ -58,9 +58,11 @@ def weights_only_is_safe() -> bool:
     return torch_version() >= SAFE_TORCH
 
 
-def load_pickled_weights(path) -> dict:
-    """A pickled tensor file of an upstream format (e.g. peft's ``adapter_model.bin``),
-    loaded with ``weights_only=True`` (tensors and plain containers only) on the CPU.
+def load_pickled_weights(path, unwrap: str | None = None) -> dict:
+    """A pickled tensor file of an upstream format (e.g. peft's ``adapter_model.bin``, a
+    scorer's ``.pt`` checkpoint), loaded with ``weights_only=True`` (tensors and plain
+    containers only) on the CPU. ``unwrap``: a key under which some upstream files nest
+    their state dict (``{"state_dict": {...}, "epoch": 3}``); taken when present.
     Refused, naming the file and the torch version, on a torch with known bypasses."""
     import torch
 
@@ -77,6 +79,8 @@ def load_pickled_weights(path) -> dict:
         first = (str(e).strip().splitlines() or [""])[0]
         raise UnsafeFileError(f"{path}: not a plain tensor file, refused ({type(e).__name__}: "
                               f"{first[:200]})", file=str(path)) from None
+    if unwrap is not None and isinstance(sd, dict) and isinstance(sd.get(unwrap), dict):
+        sd = sd[unwrap]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                            for k, v in sd.items()):
         raise UnsafeFileError(f"{path}: not a state dict of named tensors", file=str(path))

@@ -33,7 +33,7 @@ def need_path(name: str, path, what: str) -> Path:
 
 def load_state_dict_file(name: str, path) -> dict:
     """Tensors of a ``.safetensors`` file or of an upstream ``torch.save`` checkpoint (read
-    with ``weights_only=True``; a ``state_dict`` entry is unwrapped, a DDP ``module.``
+    through ``ddspo_fast.safeload``: ``weights_only=True``, on a torch without known bypasses; a ``state_dict`` entry is unwrapped, a DDP ``module.``
     prefix dropped)."""
     import torch
 
@@ -44,7 +44,9 @@ def load_state_dict_file(name: str, path) -> dict:
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            from ddspo_fast.safeload import load_pickled_weights
+
+            sd = load_pickled_weights(path, unwrap="state_dict")
     except Exception as e:  # noqa: BLE001 - any unreadable file is one message naming it
         raise ValueError(f"{name}: cannot read weights from {path} ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]})") from e
