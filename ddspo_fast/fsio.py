@@ -97,6 +97,17 @@ def explain_disk_full(path):
             raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path} "
                                 f"(or the write failed: {str(e).splitlines()[0]})") from None
         raise
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+        # safetensors' Rust writer: SafetensorError("... Os { code: 28, kind: StorageFull ...")
+        if _is_disk_full_text(str(e)):
+            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}") from None
+        raise
+
+
+def _is_disk_full_text(text: str) -> bool:
+    text = text.lower()
+    return ("no space left" in text or "storagefull" in text or "os error 28" in text
+            or "code: 28," in text or "quota exceeded" in text)
 
 
 def _human_bytes(n: float) -> str:

@@ -54,6 +54,9 @@ INPUT_DESTS: Dict[str, str] = {
     "pair_lora": "dir", "reference_cache": "dir", "prompts": "file", "pairs": "file",
     "config": "file", "template": "file", "rand_cond_prompts": "file",
 }
+#: inputs read once, before anything is written: an output may hold them (a run's own
+#: saved train_config.yaml is the natural --config of its resume)
+READ_FIRST = frozenset({"config"})
 #: output paths: name -> "file" or "dir" (None: a FILE metavar says file, else dir)
 OUTPUT_DESTS: Dict[str, Optional[str]] = {"out": None, "output_dir": "dir"}
 #: flags that are free text by design (checked by the command itself where they matter)
@@ -270,13 +273,14 @@ def check_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         value = _given(args, action)
         if k is None or k["kind"] != "path" or value is None:
             continue
-        (inputs if k["role"] == "input" else outputs).append((_flag(action), value, k["what"]))
-    for flag, value, what in inputs:
+        (inputs if k["role"] == "input" else outputs).append((_flag(action), value, k["what"],
+                                                              action.dest))
+    for flag, value, what, _ in inputs:
         if what == "file" and os.path.isdir(value):
             raise ValueError(f"argument {flag}: {value} is a directory (expected a file)")
         if what == "dir" and os.path.exists(value) and not os.path.isdir(value):
             raise ValueError(f"argument {flag}: {value} is a file (expected a directory)")
-    for flag, value, what in outputs:
+    for flag, value, what, _ in outputs:
         if what == "file" and os.path.isdir(value):
             raise ValueError(f"argument {flag}: {value} is a directory (expected a file path "
                              f"to write)")
@@ -285,4 +289,5 @@ def check_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                              f"a directory to write)")
         from ..fsio import check_output_apart
 
-        check_output_apart(value, f"argument {flag}", [(f, v) for f, v, _ in inputs])
+        check_output_apart(value, f"argument {flag}",
+                           [(f, v) for f, v, _, dest in inputs if dest not in READ_FIRST])

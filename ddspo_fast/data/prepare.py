@@ -113,6 +113,18 @@ def load_prompt_records(prompts) -> list[dict]:
     return out
 
 
+def check_dataset_out(out, **inputs) -> None:
+    """Refuse a dataset directory that is a file, or that is, contains or sits inside an
+    input (``inputs``: name -> path; a non-path value, e.g. a list of records, is skipped),
+    before anything is locked or written."""
+    from ..fsio import check_output_apart
+
+    check_output_apart(out, "out", [(k, v) for k, v in inputs.items()
+                                    if isinstance(v, (str, os.PathLike))])
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"out: {out} exists and is not a directory (expected a dataset directory)")
+
+
 def _generate_batch(adapter, recs: list[dict], seed: int, steps, cfg, store) -> Produced:
     negs = [choose_negative(seed, r["id"], r["neg_prompts"]) for r in recs]
     n = len(recs)
@@ -186,6 +198,7 @@ def prepare_dataset(model, prompts, out, *, steps: int | None = None, cfg: float
     store = _store_dtype(store_dtype)
     if out is None or str(out) == "":
         raise ValueError("out: expected an output directory")
+    check_dataset_out(out, model=model, prompts=prompts)
     records = load_prompt_records(prompts)
     state = PartialState(cpu=(str(device) == "cpu") if device is not None else False)
     dev = torch.device(device) if device is not None else state.device

@@ -369,9 +369,11 @@ class PairTrainer:
     # ================================================================== setup
     def _claim_output_dir(self) -> None:
         from ..fsio import DirLock
+        from .outdir import check_apart
 
         cfg = self.config
         if self.is_main:
+            check_apart(cfg)  # before the lock: a refused run leaves nothing behind
             if self.out.exists() and not self.out.is_dir():
                 raise ValueError(f"output_dir: {self.out} exists and is not a directory")
             self._lock = DirLock(self.out, "output_dir").acquire()

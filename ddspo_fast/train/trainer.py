@@ -114,6 +114,7 @@ class Trainer:
         self.weight_dtype = weight_dtype(self.mixed_precision)
 
         self._lock: DirLock | None = None
+        outdir.check_apart(cfg)  # before the lock: a refused run leaves nothing behind
         self._acquire_lock()
         try:
             if self.is_main:
