@@ -10,10 +10,11 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "ddspo_fast"
 
-# layer -> the ddspo_fast layers it may import (besides itself, _version and fsio).
+# layer -> the ddspo_fast layers it may import (besides itself, _version, fsio and devices).
 ALLOWED = {
     "loss": set(),
     "fsio": set(),
+    "devices": set(),
     "models": set(),
     "data": {"models"},
     "train": {"loss", "models", "data"},
@@ -23,7 +24,7 @@ ALLOWED = {
     "demo": {"loss", "models", "data", "train", "testing", "evaluate"},
     "cli": {"loss", "models", "data", "train", "testing", "evaluate", "bench", "demo"},
 }
-ALWAYS = {"_version", "fsio"}
+ALWAYS = {"_version", "fsio", "devices"}
 
 
 def _layer(path: Path) -> str:

@@ -62,7 +62,6 @@ OUTPUT_DESTS: Dict[str, Optional[str]] = {"out": None, "output_dir": "dir"}
 #: flags that are free text by design (checked by the command itself where they matter)
 TEXT_DESTS = frozenset({"family", "lora_targets", "backend", "resume", "method"})
 
-_DEVICE_RE = re.compile(r"(cpu|cuda|mps|xpu)(?::(\d+))?")
 
 
 def _tag(fn: Callable, kind: str, **info) -> Callable:
@@ -133,42 +132,12 @@ def pixels(flag: str) -> Callable[[str], Any]:
 
 
 # ---------------------------------------------------------------------------- devices
-def check_device(text: str) -> str:
-    """``text`` if it names a device torch knows and this machine has; ValueError (no
-    flag in it) otherwise."""
-    m = _DEVICE_RE.fullmatch(text.strip())
-    if m is None:
-        raise ValueError(f"expects a device: cpu, cuda, cuda:N, mps or xpu, got {text!r}")
-    kind, index = m.group(1), m.group(2)
-    if kind == "cpu":
-        if index not in (None, "0"):
-            raise ValueError(f"expects cpu (one CPU device), got {text!r}")
-        return text.strip()
-    import torch
-
-    if kind == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        what = "CUDA"
-    elif kind == "mps":
-        n = 1 if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else 0
-        what = "Apple MPS"
-    else:
-        xpu = getattr(torch, "xpu", None)
-        n = xpu.device_count() if xpu is not None and xpu.is_available() else 0
-        what = "Intel XPU"
-    if n == 0:
-        raise ValueError(f"{text!r} asked for, but this machine has no {what} device visible "
-                         f"to torch; use cpu")
-    if index is not None and int(index) >= n:
-        raise ValueError(f"{text!r} asked for, but this machine has {n} {what} device(s) "
-                         f"({kind}:0 to {kind}:{n - 1})")
-    return text.strip()
-
-
 def device(flag: str, optional: bool = False) -> Callable[[str], Optional[str]]:
     def parse(text: str):
         if optional and text.strip().lower() in ("none", "null"):
             return None
+        from ..devices import check_device
+
         try:
             return check_device(text)
         except ValueError as e:

@@ -244,6 +244,7 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
     from .degrade import RULE_METHODS
     from .pair_sources import ParquetImages, read_pair_source
     from .prepare import check_dataset_out
+    from .provenance import INFO_KEY, encoder_fingerprint
 
     for name, v in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -276,6 +277,13 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
         else:
             log.warning("encode: left out %s", p)
 
+    if device is not None:
+        from ..devices import check_device
+
+        try:
+            check_device(str(device))
+        except ValueError as e:
+            raise ValueError(f"device: {e}") from None
     state = PartialState(cpu=(str(device) == "cpu") if device is not None else False)
     dev = torch.device(device) if device is not None else state.device
     fam = family or detect_family(str(model))
@@ -314,7 +322,8 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
 
     images = ParquetImages()
     info = {"source": f"image pairs ({source.kind})", "resolution": list(size), "ties": ties,
-            "latent": latent, "seed": seed, "degrade": degrade}
+            "latent": latent, "seed": seed, "degrade": degrade,
+            INFO_KEY: encoder_fingerprint(model, fam, vae=True)}
 
     def open_writer():
         return PairWriter(str(out), family=fam, model=str(model), shard_size=shard_size, info=info)

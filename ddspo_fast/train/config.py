@@ -194,6 +194,9 @@ class TrainConfig:
                                 "checkpoints, metrics and logs are deleted (its final weights "
                                 "are replaced at the end). Without it such a directory is "
                                 "refused unless resume is set.")
+    allow_encoder_mismatch: bool = _f(False, "Train on a dataset whose recorded text encoders "
+                                             "(or VAE) differ from model's, with a warning; "
+                                             "without it such a dataset is refused.")
     on_nonfinite: str = _f("stop", "What a non-finite loss or gradient does (checked on log "
                                    "and checkpoint steps, no per-step sync): stop = raise "
                                    "NonFiniteError naming the step, keeping every finite "

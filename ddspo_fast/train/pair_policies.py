@@ -45,7 +45,7 @@ from . import checkpoint as ckpt
 from .config import (LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainConfig, as_config,
                      weight_dtype)
 from .config import config_field as _f
-from .lora import LOSE, WIN
+from .lora import LOSE, WIN, add_adapter_named
 
 WIN_DIR, LOSE_DIR = "pos_lora_unet", "neg_lora_unet"  # the official script's names
 CONFIG_FILE = "train_pair_config.yaml"
@@ -123,6 +123,9 @@ class PairTrainConfig:
     overwrite: bool = _f(False, "Start afresh in an output_dir that already holds adapters "
                                 "or checkpoints (they are replaced); without it such a "
                                 "directory is refused unless resuming.")
+    allow_encoder_mismatch: bool = _f(False, "Train on a dataset whose recorded text encoders "
+                                             "(or VAE) differ from model's, with a warning; "
+                                             "without it such a dataset is refused.")
     seed: int = _f(0, "Seed for data order, timesteps, noise and LoRA init.")
     device: Optional[str] = _f(None, "Device (default: accelerate's choice).")
     log_every: int = _f(10, "Log metrics and check the loss is finite every N steps.")
@@ -279,8 +282,8 @@ def add_pair_adapters(module, rank: int, alpha: float, targets, dropout: float,
         with warnings.catch_warnings():  # two adapters on one module is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for name in (WIN, LOSE):
-                module.add_adapter(pair_lora_config(rank, alpha, targets, dropout),
-                                   adapter_name=name)
+                add_adapter_named(module, pair_lora_config(rank, alpha, targets, dropout),
+                                  name, targets)
     finally:
         torch.random.set_rng_state(state)
 
@@ -391,6 +394,7 @@ class PairTrainer:
 
     def _setup_data_and_models(self) -> None:
         from ..data import open_dataset
+        from ..data.provenance import check_encoders
         from ..models import detect_family, load_adapter
 
         cfg, acc = self.config, self.accelerator
@@ -398,6 +402,7 @@ class PairTrainer:
         self.dataset = open_dataset(cfg.data, family=self.family)
         if len(self.dataset) == 0:
             raise ValueError(f"data: {cfg.data} holds no pairs")
+        check_encoders(self.dataset, cfg.model, self.family, cfg.allow_encoder_mismatch)
         self.batches_per_epoch = (len(self.dataset) // acc.num_processes) // cfg.batch_size
         if self.batches_per_epoch < 1:
             raise ValueError(f"batch_size: {cfg.batch_size} pairs x {acc.num_processes} "
