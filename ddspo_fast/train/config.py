@@ -237,8 +237,8 @@ class TrainConfig:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v) -> bool:  # and fits torch's 64-bit ints
+            return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
 
         def is_num(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -299,6 +299,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not is_int(v) or v < 0:
                 raise bad(name, "an int >= 0")
+        if self.seed >= 2 ** 32:  # numpy's seed (accelerate's set_seed) takes 32 bits
+            raise bad("seed", "an int in [0, 4294967295]")
         if self.checkpoints_keep is not None and (not is_int(self.checkpoints_keep)
                                                   or self.checkpoints_keep < 1):
             raise bad("checkpoints_keep", "None or an int >= 1")

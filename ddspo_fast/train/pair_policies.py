@@ -144,8 +144,8 @@ class PairTrainConfig:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v) -> bool:  # and fits torch's 64-bit ints
+            return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
 
         def is_num(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -168,6 +168,8 @@ class PairTrainConfig:
         for name in ("lr_warmup_steps", "checkpoint_every", "num_workers", "seed"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "an int >= 0")
+        if self.seed >= 2 ** 32:  # numpy's seed (accelerate's set_seed) takes 32 bits
+            raise bad("seed", "an int in [0, 4294967295]")
         for name in ("max_steps", "checkpoints_keep"):
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 1):
