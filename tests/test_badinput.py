@@ -452,3 +452,28 @@ def test_torch_func_transforms_on_compiled_backends(backend):
     torch.testing.assert_close(torch.func.vmap(torch.func.grad(f[backend]))(batched),
                                torch.func.vmap(torch.func.grad(f["torch"]))(batched),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_config_file_numbers_are_bounded_too():
+    """A YAML file bypasses the flags' validator: the configs bound ints themselves."""
+    from ddspo_fast.train import TrainConfig
+    from ddspo_fast.train.pair_policies import PairTrainConfig
+
+    for cls in (TrainConfig, PairTrainConfig):
+        for field, value in (("seed", 2 ** 70), ("seed", 2 ** 32), ("batch_size", 2 ** 70)):
+            with pytest.raises(ValueError, match=f"^{field}: "):
+                cls.from_dict({"model": "m", "data": "d", field: value})
+
+
+def test_library_device_check_names_the_device(tmp_path):
+    from ddspo_fast.data.prepare import prepare_dataset
+    from ddspo_fast.devices import check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="banana"):
+        check_device("banana")
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"id": "a", "prompt": "a cat", "neg_prompts": ["a"]}\n')
+    with pytest.raises(ValueError, match="^device: .*banana"):
+        prepare_dataset(tiny_model("sd15"), str(p), str(tmp_path / "out"), device="banana")
+    assert not (tmp_path / "out").exists()
