@@ -260,7 +260,7 @@ def test_paths_of_the_wrong_kind_name_their_flag(tmp_path, capsys):
     folder.mkdir()
     cases = [
         (f"degrade {p} --out {folder}", "argument --out: ", "is a directory"),
-        (f"degrade {folder} --out {tmp_path / 'x.jsonl'}", "argument PROMPTS: ", "is a directory"),
+        (f"degrade {folder} --out {tmp_path / 'x.jsonl'}", "argument PROMPTS: ", "is not a file"),
         (f"prepare --model {m} --prompts {p} --out {p}", "argument --out: ", "not a directory"),
         (f"precompute --model {m} --data {folder} --out {p} --draws 1", "argument --out: ",
          "not a directory"),

@@ -91,7 +91,8 @@ def numeric(flag: str, kind: type = int, minimum: Optional[float] = None,
             v = kind(text)
         except ValueError:
             what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expects {what}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r} "
+                                             f"(expected {what})") from None
         if kind is float and not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"expects a finite number, got {text!r}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -246,7 +247,7 @@ def check_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                                                               action.dest))
     for flag, value, what, _ in inputs:
         if what == "file" and os.path.isdir(value):
-            raise ValueError(f"argument {flag}: {value} is a directory (expected a file)")
+            raise ValueError(f"argument {flag}: {value} is not a file (it is a directory)")
         if what == "dir" and os.path.exists(value) and not os.path.isdir(value):
             raise ValueError(f"argument {flag}: {value} is a file (expected a directory)")
     for flag, value, what, _ in outputs:
