@@ -96,7 +96,10 @@ def vae_memory_estimate(adapter, size: Tuple[int, int], images: int, dtype: torc
     side by design) of the bytes the VAE encoder needs for ``images`` images of ``size``
     pixels: its full-resolution activations (first block's channels, a few live at once)
     plus its mid-block self-attention over the latent grid, which the CPU's math path
-    holds as a full (h*w)^2 matrix."""
+    holds as a full (h*w)^2 matrix. Checked against the measured peak of an SD1.x VAE on
+    the CPU (benchmarks/vae_memory.py, benchmarks/results/vae-memory-cpu.json: 1.5x and
+    1.8x the measurement at 256 and 512 pixels); on a GPU, whose attention kernels do not
+    hold that matrix, it is higher still."""
     cfg = getattr(getattr(adapter.pipe, "vae", None), "config", {}) or {}
     blocks = cfg.get("block_out_channels") or [128]
     ch = int(blocks[0])
