@@ -430,14 +430,16 @@ def test_loss_arguments_name_themselves():
             df.dpo_loss(m, r, t, 5.0, timesteps=ts, loss_weighting="linear")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_torch_func_transforms_on_compiled_backends(backend):
     import ddspo_fast as df
     from ddspo_fast.loss.dispatch import unavailable_reasons
 
-    if unavailable_reasons(backend, torch.device("cpu"), torch.float64):
+    dev = torch.device("cuda" if backend == "cuda" or (backend == "triton" and not NO_CUDA)
+                       else "cpu")
+    if unavailable_reasons(backend, dev, torch.float64):
         pytest.skip(f"backend {backend} unavailable here")
-    m, r, t = _loss_inputs()
+    m, r, t = (x.to(dev) for x in _loss_inputs())
 
     def loss(bk, mm, rr=r, tt=t):
         return df.ddspo_loss(mm, rr, tt, 5.0, backend=bk)[0]
