@@ -33,17 +33,14 @@ KIND_ATTR = "_ddspo_validated"  # set on every type function this module makes
 INT64 = (-(2 ** 63), 2 ** 63 - 1)
 SEED_RANGE = (0, 2 ** 32 - 1)  # numpy's seed (accelerate's set_seed) takes 32 bits
 
-#: destination -> (minimum, maximum) for numbers beyond the type's own bounds
+#: destination -> (minimum, maximum) for numbers beyond the type's own bounds (other
+#: semantic ranges are the command's or the config's own checks, which name the flag too)
 RANGES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
     "seed": SEED_RANGE,
     "show_skipped": (0, None),
     "guidance_scale": (0, None),
     "cfg": (0, None),
     "temperature": (0, None),
-    "threads": (1, None),
-    "draws": (1, None),
-    "batch_size": (1, None),
-    "pairs_per_shard": (1, None),
 }
 
 DEVICE_DESTS = frozenset({"device", "llm_device"})
