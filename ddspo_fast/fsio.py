@@ -97,6 +97,17 @@ def explain_disk_full(path):
             raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path} "
                                 f"(or the write failed: {str(e).splitlines()[0]})") from None
         raise
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+        # safetensors' Rust writer: SafetensorError("... Os { code: 28, kind: StorageFull ...")
+        if _is_disk_full_text(str(e)):
+            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}") from None
+        raise
+
+
+def _is_disk_full_text(text: str) -> bool:
+    text = text.lower()
+    return ("no space left" in text or "storagefull" in text or "os error 28" in text
+            or "code: 28," in text or "quota exceeded" in text)
 
 
 def _human_bytes(n: float) -> str:
@@ -286,3 +297,58 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _real(path) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def overlap(output, input_path) -> str | None:
+    """How an output path and an input path overlap: ``"is"``, ``"is inside"`` or
+    ``"contains"``; None when they are apart (or the input does not exist here, e.g. a
+    hub id). Symlinks are resolved, so a link to the model folder is the model folder."""
+    if input_path is None or output is None or not os.path.exists(os.path.expanduser(str(input_path))):
+        return None
+    out, inp = _real(output), _real(input_path)
+    if out == inp:
+        return "is"
+    if inp in out.parents:
+        return "is inside"
+    if out in inp.parents:
+        return "contains"
+    return None
+
+
+def check_output_apart(output, output_name: str, inputs) -> None:
+    """Refuse an output (or scratch) path that is, contains or sits inside an input: a
+    run writing, replacing or clearing it would destroy what it reads. ``inputs`` maps a
+    name (the flag or field the user set) to a path; None paths are skipped. Raises
+    ValueError ``"<output_name>: <output> <is|is inside|contains> <name> <path> ..."``,
+    with or without --overwrite: no option makes this safe."""
+    items = inputs.items() if hasattr(inputs, "items") else inputs
+    for name, path in items:
+        rel = overlap(output, path)
+        if rel is None:
+            continue
+        what = {"is": f"is the {name} input {path}",
+                "is inside": f"is inside the {name} input {path}",
+                "contains": f"contains the {name} input {path}"}[rel]
+        raise ValueError(f"{output_name}: {output} {what}; an output must not be, contain or "
+                         f"sit inside an input (it would be overwritten), --overwrite or not: "
+                         f"choose another {output_name.split()[-1]}")
+
+
+def check_writable_file(path) -> None:
+    """Raise OSError naming ``path`` when a file could not be created there (its folder
+    cannot be made or written): checked before a long run whose result goes there."""
+    path = Path(path)
+    parent = path.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=TMP_SUFFIX, dir=str(parent))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(tmp)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a directory")

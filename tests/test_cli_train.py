@@ -130,7 +130,8 @@ def trainer_runs(monkeypatch):
 @pytest.fixture
 def paths(tmp_path):
     (tmp_path / "ds").mkdir()
-    return ["--model", str(tmp_path), "--data", str(tmp_path / "ds"), "--output-dir", str(tmp_path / "o")]
+    (tmp_path / "m").mkdir()  # beside the data and the output: an output inside an input is refused
+    return ["--model", str(tmp_path / "m"), "--data", str(tmp_path / "ds"), "--output-dir", str(tmp_path / "o")]
 
 
 def test_summary_goes_to_stdout(trainer_runs, paths, capsys):

@@ -10,11 +10,12 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "ddspo_fast"
 
-# layer -> the ddspo_fast layers it may import (besides itself, _version, fsio, safeload).
+# layer -> the ddspo_fast layers it may import (besides itself, _version, fsio, safeload, devices).
 ALLOWED = {
     "loss": set(),
     "fsio": set(),
     "safeload": set(),
+    "devices": set(),
     "models": set(),
     "data": {"models"},
     "train": {"loss", "models", "data"},
@@ -25,7 +26,7 @@ ALLOWED = {
     "demo": {"loss", "models", "data", "train", "testing", "evaluation", "evaluate"},
     "cli": {"loss", "models", "data", "train", "testing", "evaluation", "evaluate", "bench", "demo"},
 }
-ALWAYS = {"_version", "fsio", "safeload"}
+ALWAYS = {"_version", "fsio", "safeload", "devices"}
 
 
 def _layer(path: Path) -> str:

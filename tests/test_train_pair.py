@@ -277,7 +277,7 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     cases = [
         (["--model", model, "--data", str(tmp_path / "nope")], ("--data", "is not a directory")),
         (["--model", str(tmp_path / "nomodel"), "--data", data], ("--model", "does not exist")),
-        (["--model", str(tmp_path), "--data", data], ("--model", "model_index.json")),
+        (["--model", str(tmp_path / "empty"), "--data", data], ("--model", "model_index.json")),
         (["--model", tiny_model("sana"), "--data", data], ("sd15",)),  # data of another family
         (["--model", model, "--data", data, "--lora-rank", "0"], ("--lora_rank", "int >= 1")),
         (["--model", model, "--data", data, "--lora-targets", "nonexistent_proj"],
@@ -285,6 +285,7 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
         (["--model", model, "--data", data, "--timestep-sampling", "logit_normal"],
          ("--timestep_sampling", "sd15")),
     ]
+    (tmp_path / "empty").mkdir()  # a folder that is not a model (beside the output)
     capsys.readouterr()  # building the tiny models may print; only the command's output counts
     for args, fragments in cases:
         rc = cli.main(["train-pair", *args, "--output-dir", str(tmp_path / "o"), *common])

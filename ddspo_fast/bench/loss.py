@@ -398,9 +398,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
             p.error(f"{flag}: expected a comma list of {list(allowed)}, got {value!r}")
         return items
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible to torch")
+    from ..devices import check_device
+
+    try:
+        device = torch.device(check_device(args.device))
+    except ValueError as e:
+        p.error(f"--device: {e}")
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads: expected an int >= 1, got {args.threads}")
@@ -411,13 +414,27 @@ def _main(argv: Optional[List[str]] = None) -> int:
                          ("standard", "packed"), "--layouts")
     backends = (parse_list(args.backends, BACKENDS, "--backends") if args.backends
                 else list(df.available_backends(device)))
+    from ..fsio import atomic_write_text, check_writable_file
+
+    out = args.out or default_out(device, args.quick)
+    try:  # before the run: a long run must not end with nowhere to put its results
+        check_writable_file(out)
+    except OSError as e:
+        p.error(f"--out: {e.strerror or e}")
     result = run(device, shapes, dtypes, backends, layouts)
     result["command"] = command
-    out = args.out or default_out(device, args.quick)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    from ..fsio import atomic_write_text
+    text = json.dumps(result, indent=1) + "\n"
+    try:
+        atomic_write_text(out, text)
+    except OSError as e:  # kept somewhere, and said where
+        import tempfile
 
-    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+        fd, kept = tempfile.mkstemp(prefix="ddspo-bench-loss-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"ddspo-fast bench loss: error: cannot write {out} ({e.strerror or e}); the "
+              f"results are in {kept}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     png = plot(result, args.plot or os.path.splitext(out)[0] + ".png")
     if png:

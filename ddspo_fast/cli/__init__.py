@@ -72,6 +72,9 @@ def command_parser(name: str, module=None) -> CLIParser:
     module = module or command_module(name)
     parser = CLIParser(prog=f"{PROG} {name}", description=getattr(module, "DESCRIPTION", module.HELP))
     module.add_arguments(parser)
+    from ._validate import harden
+
+    harden(parser)  # numbers, devices and paths: one validator for every command
     if not getattr(module, "PASSTHROUGH", False):
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                             help="show the full traceback on errors")
@@ -111,6 +114,9 @@ def _run(argv: List[str], state: dict) -> int:
         state["debug"] = ns.debug or "--debug" in ns.args[: ns.args.index("--") if "--" in ns.args else None]
         args = parser.parse_args(ns.args)
         args.debug = state["debug"]
+        from ._validate import check_parsed
+
+        check_parsed(parser, args)  # before the command locks or writes anything
     return int(module.run(args))
 
 

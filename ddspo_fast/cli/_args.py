@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -10,35 +9,22 @@ import re
 from typing import Any, Callable, Optional, Sequence
 
 from . import CLIError
+from ._validate import numeric
 
 
 def integer(flag: str, minimum: Optional[int] = None) -> Callable[[str], int]:
-    """argparse type: an int (>= ``minimum``), with an error naming ``flag``."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects an integer, got {text!r}") from None
-        if minimum is not None and v < minimum:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {v}")
-        return v
-
-    return parse
+    """argparse type: an int (>= ``minimum``), with an error naming ``flag`` (the shared
+    validator, ``_validate.numeric``)."""
+    return numeric(flag, int, minimum=minimum)
 
 
 def positive_int(flag: str) -> Callable[[str], int]:
     return integer(flag, minimum=1)
 
 
-def number(flag: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects a number, got {text!r}") from None
-
-    return parse
+def number(flag: str, minimum: Optional[float] = None) -> Callable[[str], float]:
+    """argparse type: a finite float (>= ``minimum``), with an error naming ``flag``."""
+    return numeric(flag, float, minimum=minimum)
 
 
 def import_optional(module: str, what: str):

@@ -51,6 +51,7 @@ def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
     # argparse names the type in "invalid <name> value: ..."
     parse_optional.__name__ = getattr(parse, "__name__", "value")
+    parse_optional.__wrapped__ = parse  # for the shared validator (_validate.harden)
     return parse_optional
 
 

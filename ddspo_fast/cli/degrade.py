@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from . import EXIT_OK, PROG, CLIError, eprint
-from ._args import integer, positive_int
+from ._args import integer, number, positive_int
 
 HELP = "write degraded (dispreferred) prompts for each prompt"
 DESCRIPTION = ("Degrade prompts into dispreferred prompts c- for DDSPO. Output: JSONL lines "
@@ -57,18 +56,6 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def _temperature(text):
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--temperature expects a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"--temperature must be a finite number >= 0, got {text}")
-    return v
-
-
 def _add_llm_arguments(p) -> None:
     """The LLM method's options and the text-encoder window."""
     g = p.add_argument_group("LLM degradation (--method llm)")
@@ -82,7 +69,7 @@ def _add_llm_arguments(p) -> None:
                    help="prompts generated at once (default: 8)")
     g.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=64, metavar="N",
                    help="longest answer in tokens (default: 64)")
-    g.add_argument("--temperature", type=_temperature, default=0.7, metavar="T",
+    g.add_argument("--temperature", type=number("--temperature", minimum=0), default=0.7, metavar="T",
                    help="sampling temperature, 0 = greedy (default: 0.7, as the official script)")
     g.add_argument("--llm-device", default=None, metavar="DEV",
                    help="device of the LLM (default: cuda if available, else cpu)")

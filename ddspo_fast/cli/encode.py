@@ -13,6 +13,9 @@ import argparse
 import re
 import sys
 
+from ._args import positive_int
+from ._validate import pixels
+
 HELP = "encode image-pair preference data (JSONL or Pick-a-Pic Parquet) into a pair dataset"
 
 DESCRIPTION = (
@@ -33,35 +36,15 @@ FLAGS = {"model": "--model", "pairs": "--pairs", "out": "--out", "resolution": "
          "store_dtype": "--store-dtype", "shard_size": "--shard-size"}
 
 
-def _positive_int(flag):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {v}")
-        return v
-    return parse
-
-
-def _resolution(text):
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"--resolution expects N or HxW (pixels), got {text!r}")
-    h = int(m.group(1))
-    return h if m.group(2) is None else (h, int(m.group(2)))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     p.add_argument("--model", required=True, metavar="DIR", help="local diffusers model directory")
     p.add_argument("--pairs", required=True, metavar="FILE", help="image pairs: .jsonl or Pick-a-Pic .parquet")
     p.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
-    p.add_argument("--resolution", type=_resolution, default=None, metavar="N|HxW",
+    p.add_argument("--resolution", type=pixels("--resolution"), default=None, metavar="N|HxW",
                    help="pixel size images are resized and centre-cropped to, a multiple of the VAE's "
                         "downsampling factor (default: the model's native resolution)")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, metavar="B",
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=8, metavar="B",
                    help="pairs encoded at once (default: 8)")
     p.add_argument("--ties", choices=("drop", "keep"), default="drop",
                    help="Pick-a-Pic ties (label_0 = 0.5): drop them (default, as the Diffusion-DPO "
@@ -79,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the VAE samples and degradations (default: 0)")
     p.add_argument("--family", default=None, help="model family (default: detected from --model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--shard-size", type=_positive_int("--shard-size"), default=64, metavar="N",
+    p.add_argument("--shard-size", type=positive_int("--shard-size"), default=64, metavar="N",
                    help="pairs per shard file; a killed run loses at most this many (default: 64)")
     p.add_argument("--store-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="dtype latents and embeddings are stored in (default: float16)")

@@ -13,6 +13,7 @@ import sys
 
 from . import EXIT_OK, CLIError, one_line
 from ._args import integer, positive_int, quiet_libraries, short
+from ._validate import checked_text
 
 HELP = "score a trained model (alone with CLIP, or against its base with several metrics)"
 DESCRIPTION = (
@@ -38,20 +39,6 @@ _ARGS = {"pipeline_or_dir": "MODEL", "run": "MODEL", "against": "--against", "pr
          **{m: f"--{m}" for m in METRIC_FLAGS}}
 
 
-def _finite(flag: str, lo: float, hi: float):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects a number, got {text!r}") from None
-        if not math.isfinite(v) or not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{flag} must be a finite number in [{lo:g}, {hi:g}], "
-                                             f"got {text!r}")
-        return v
-
-    return parse
-
-
 def _metric_list(text: str) -> list:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in METRIC_FLAGS]
@@ -71,7 +58,7 @@ def add_arguments(p) -> None:
     p.add_argument("--against", default=None, metavar="BASE_OR_RUN",
                    help="compare MODEL with this model (its base, or another run) on the same "
                         "prompts and seeds; needs --out")
-    p.add_argument("--metrics", type=_metric_list, default=None, metavar="LIST",
+    p.add_argument("--metrics", type=checked_text(_metric_list), default=None, metavar="LIST",
                    help=f"with --against: comma-separated, from {','.join(METRIC_FLAGS)} (default: clip)")
     p.add_argument("--clip", default=None, metavar="DIR",
                    help="local CLIP model folder (transformers CLIPModel, e.g. "
@@ -99,7 +86,7 @@ def add_arguments(p) -> None:
                    help="sampling steps (default: 25)")
     p.add_argument("--seed", type=integer("--seed", minimum=0), default=0, metavar="S",
                    help="image j of prompt i uses seed S + 1000 i + j (default: 0)")
-    p.add_argument("--guidance-scale", type=_finite("--guidance-scale", 0, 100), default=None,
+    p.add_argument("--guidance-scale", type=float, default=None,
                    metavar="X", help="classifier-free guidance scale (default: the model family's)")
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=4, metavar="B",
                    help="images generated at once (default: 4)")

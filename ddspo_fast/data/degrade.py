@@ -492,6 +492,8 @@ def read_prompts(path) -> List[dict]:
     """Prompts from a ``.txt`` (one per line, blank lines ignored) or ``.jsonl`` file
     (objects with a ``prompt`` field and optional ``id``)."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"prompts file {p} is a directory (expected a .txt or .jsonl file)")
     if not p.is_file():
         raise ValueError(f"prompts file {p} does not exist")
     suffix = p.suffix.lower()
@@ -539,6 +541,11 @@ def degrade_file(path, out, *, method: str = "random", variants: int = 1, seed: 
                  window=None, llm=None, tries: Optional[int] = None) -> DegradeResult:
     """Read prompts from ``path``, degrade them, write JSONL to ``out`` atomically."""
     _check_args(method, variants, seed, tries)
+    from ..fsio import check_output_apart
+
+    check_output_apart(out, "out", [("prompts", path)])
+    if Path(out).is_dir():
+        raise ValueError(f"out: {out} is a directory (expected the path of the JSONL file to write)")
     result = degrade_prompts(read_prompts(path), method=method, variants=variants, seed=seed,
                              window=window, llm=llm, tries=tries)
     atomic_write_jsonl(Path(out), result.records)

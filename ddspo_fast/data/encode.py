@@ -76,7 +76,67 @@ def _resolution(value, adapter) -> Tuple[int, int]:
         raise ValueError(f"resolution: expected positive multiples of {f} (the VAE's downsampling "
                          f"factor{' x the 2x2 packing' if f != adapter.vae_scale_factor else ''}), "
                          f"got {value!r}")
+    nh, nw = family_resolution(adapter)
+    if hw[0] > MAX_SCALE * nh or hw[1] > MAX_SCALE * nw:
+        raise ValueError(f"resolution: {hw[0]}x{hw[1]} is beyond what this model can use: at most "
+                         f"{MAX_SCALE}x its native {nh}x{nw} per side ({MAX_SCALE * nh}x"
+                         f"{MAX_SCALE * nw})")
     return int(hw[0]), int(hw[1])
+
+
+#: the largest resolution, per side, as a multiple of the family's native one: the
+#: denoisers are trained at their native size, and beyond twice it a latent is no longer
+#: what they have seen (and the VAE's memory grows with the square of the area).
+MAX_SCALE = 2
+#: margin applied to the VAE activation estimate (see vae_memory_estimate)
+ESTIMATE_MARGIN = 2.0
+
+
+def vae_memory_estimate(adapter, size: Tuple[int, int], images: int, dtype: torch.dtype) -> int:
+    """An estimate (not a measurement; within about ``ESTIMATE_MARGIN`` x, on the high
+    side by design) of the bytes the VAE encoder needs for ``images`` images of ``size``
+    pixels: its full-resolution activations (first block's channels, a few live at once)
+    plus its mid-block self-attention over the latent grid, which the CPU's math path
+    holds as a full (h*w)^2 matrix. Checked against the measured peak of an SD1.x VAE on
+    the CPU (benchmarks/vae_memory.py, benchmarks/results/vae-memory-cpu.json: 1.5x and
+    1.8x the measurement at 256 and 512 pixels); on a GPU, whose attention kernels do not
+    hold that matrix, it is higher still."""
+    cfg = getattr(getattr(adapter.pipe, "vae", None), "config", {}) or {}
+    blocks = cfg.get("block_out_channels") or [128]
+    ch = int(blocks[0])
+    es = torch.finfo(dtype).bits // 8
+    h, w = size
+    f = adapter.vae_scale_factor
+    tokens = (h // f) * (w // f)
+    per_image = 4 * h * w * ch * es + tokens * tokens * es
+    return int(images * per_image * ESTIMATE_MARGIN)
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    import os
+
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - no estimate possible: do not refuse
+            return None
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_vae_memory(adapter, size, batch_size: int, device, dtype) -> None:
+    """Refuse, before allocating, a batch whose estimated VAE memory exceeds what the
+    device has free, naming resolution and batch_size."""
+    device = torch.device(device)
+    need = vae_memory_estimate(adapter, size, 2 * batch_size, dtype)
+    free = _available_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(f"resolution: {size[0]}x{size[1]} with batch_size {batch_size} needs an "
+                         f"estimated {need / 2**30:.1f} GiB for the VAE (an estimate, up to "
+                         f"{ESTIMATE_MARGIN:g}x high), {free / 2**30:.1f} GiB free on {device}; "
+                         f"lower --resolution or --batch-size")
 
 
 def _degraded(pairs: List[dict], method: Optional[str], seed: int, window) -> List[Problem]:
@@ -187,6 +247,8 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
     from . import PairWriter
     from .degrade import RULE_METHODS
     from .pair_sources import ParquetImages, read_pair_source
+    from .prepare import check_dataset_out
+    from .provenance import INFO_KEY, encoder_fingerprint
 
     for name, v in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -202,6 +264,7 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
     store = _store_dtype(store_dtype)
     if out is None or str(out) == "":
         raise ValueError("out: expected an output directory")
+    check_dataset_out(out, model=model, pairs=pairs)
     source = read_pair_source(pairs, ties=ties)
 
     result = EncodeResult(out=str(out), ties_dropped=source.ties_dropped)
@@ -218,6 +281,13 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
         else:
             log.warning("encode: left out %s", p)
 
+    if device is not None:
+        from ..devices import check_device
+
+        try:
+            check_device(str(device))
+        except ValueError as e:
+            raise ValueError(f"device: {e}") from None
     state = PartialState(cpu=(str(device) == "cpu") if device is not None else False)
     dev = torch.device(device) if device is not None else state.device
     fam = family or detect_family(str(model))
@@ -231,6 +301,7 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
             if isinstance(comp, torch.nn.Module):
                 comp.to(dtype=dtype)
     size = _resolution(resolution, adapter)
+    check_vae_memory(adapter, size, batch_size, dev, vae_dtype)
 
     window = None
     if degrade is not None:
@@ -255,7 +326,8 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
 
     images = ParquetImages()
     info = {"source": f"image pairs ({source.kind})", "resolution": list(size), "ties": ties,
-            "latent": latent, "seed": seed, "degrade": degrade}
+            "latent": latent, "seed": seed, "degrade": degrade,
+            INFO_KEY: encoder_fingerprint(model, fam, vae=True)}
 
     def open_writer():
         return PairWriter(str(out), family=fam, model=str(model), shard_size=shard_size, info=info)

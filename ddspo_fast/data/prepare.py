@@ -113,6 +113,18 @@ def load_prompt_records(prompts) -> list[dict]:
     return out
 
 
+def check_dataset_out(out, **inputs) -> None:
+    """Refuse a dataset directory that is a file, or that is, contains or sits inside an
+    input (``inputs``: name -> path; a non-path value, e.g. a list of records, is skipped),
+    before anything is locked or written."""
+    from ..fsio import check_output_apart
+
+    check_output_apart(out, "out", [(k, v) for k, v in inputs.items()
+                                    if isinstance(v, (str, os.PathLike))])
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"out: {out} exists and is not a directory (expected a dataset directory)")
+
+
 def _generate_batch(adapter, recs: list[dict], seed: int, steps, cfg, store) -> Produced:
     negs = [choose_negative(seed, r["id"], r["neg_prompts"]) for r in recs]
     n = len(recs)
@@ -174,6 +186,7 @@ def prepare_dataset(model, prompts, out, *, steps: int | None = None, cfg: float
 
     from ..models import detect_family, load_adapter
     from . import PairWriter
+    from .provenance import INFO_KEY, encoder_fingerprint
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
@@ -187,7 +200,15 @@ def prepare_dataset(model, prompts, out, *, steps: int | None = None, cfg: float
     store = _store_dtype(store_dtype)
     if out is None or str(out) == "":
         raise ValueError("out: expected an output directory")
+    check_dataset_out(out, model=model, prompts=prompts)
     records = load_prompt_records(prompts)
+    if device is not None:
+        from ..devices import check_device
+
+        try:
+            check_device(str(device))
+        except ValueError as e:
+            raise ValueError(f"device: {e}") from None
     state = PartialState(cpu=(str(device) == "cpu") if device is not None else False)
     dev = torch.device(device) if device is not None else state.device
     fam = family or detect_family(str(model))
@@ -196,12 +217,14 @@ def prepare_dataset(model, prompts, out, *, steps: int | None = None, cfg: float
     adapter = load_adapter(str(model), fam, components=("denoiser", "text"), device=dev,
                            dtype=dtype)
     adapter.pipe.set_progress_bar_config(disable=True)
+    encoders = encoder_fingerprint(model, fam)  # what made the stored embeddings
     steps_used = int(steps or adapter.default_steps)
     cfg_used = float(adapter.default_cfg if cfg is None else cfg)
 
     def open_writer():
         return PairWriter(str(out), family=fam, model=str(model), shard_size=shard_size,
-                          info={"steps": steps_used, "cfg": cfg_used, "seed": seed})
+                          info={"steps": steps_used, "cfg": cfg_used, "seed": seed,
+                                INFO_KEY: encoders})
 
     def report(p: Problem) -> None:
         log.warning("prepare: left out %s", p)

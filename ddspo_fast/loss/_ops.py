@@ -69,8 +69,16 @@ class _FirstOrderOnly(torch.autograd.Function):
     have no second derivative, and silently returning none would be a wrong answer."""
 
     @staticmethod
-    def forward(ctx, bwd, grad_loss, model, target_w, target_l, grad_scale):
+    def forward(bwd, grad_loss, model, target_w, target_l, grad_scale):
         return bwd(grad_loss, model, target_w, target_l, grad_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, bwd, *args):
+        return _map_slices(_FirstOrderOnly, info, in_dims, bwd, args), 0
 
     @staticmethod
     def backward(ctx, *_):
@@ -147,15 +155,21 @@ _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nul
 class _EagerFwd(torch.autograd.Function):
     """`BK_fwd` with the autograd registered above (same setup, same backward), entered
     without torch.library's per-call Python wrapper, which costs more host time than a
-    small call's kernels. Eager mode only: under torch.compile the registered op is traced."""
+    small call's kernels. Eager mode only: under torch.compile the registered op is traced.
+
+    Written in the ``setup_context`` form, so torch.func transforms work: ``grad`` /
+    ``jacrev`` unwrap the inputs and run the kernels as autograd does, and ``vmap`` runs
+    the loss once per slice of the mapped dimension (`vmap` below) and stacks the results."""
 
     @staticmethod
-    def forward(ctx, backend, model, target_w, target_l, ref_w, ref_l, weights, beta):
+    def forward(backend, model, target_w, target_l, ref_w, ref_l, weights, beta):
         with _below_autograd():
-            out = _FWD[backend](model, target_w, target_l, ref_w, ref_l, weights, beta)
-        _setup_context(ctx, (model, target_w, target_l, ref_w, ref_l, weights, beta), out)
-        ctx.backend = backend
-        return out
+            return _FWD[backend](model, target_w, target_l, ref_w, ref_l, weights, beta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs[1:], output)
+        ctx.backend = inputs[0]
 
     @staticmethod
     def backward(ctx, grad_loss, grad_model_mse, _grad_ref_mse, grad_margin, _grad_scale):
@@ -164,6 +178,23 @@ class _EagerFwd(torch.autograd.Function):
             grad_model = _grad_model(ctx, _BWD[ctx.backend], grad_loss, grad_model_mse,
                                      grad_margin)
         return None, grad_model, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, backend, *args):
+        return _map_slices(_EagerFwd, info, in_dims, backend, args), (0,) * 5
+
+
+def _map_slices(fn, info, in_dims, first, args):
+    """The vmap rule of a kernel-backed Function: the kernels take one problem, so run
+    ``fn.apply(first, *slice_i)`` for each index i of the mapped dimension and stack."""
+    def take(x, d, i):
+        return x if d is None or x is None else x.select(d, i)
+
+    outs = [fn.apply(first, *(take(x, d, i) for x, d in zip(args, in_dims[1:])))
+            for i in range(info.batch_size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs))
+    return torch.stack(outs)
 
 
 def run_fwd(backend: str, *args):

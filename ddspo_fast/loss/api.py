@@ -25,7 +25,7 @@ import torch
 
 from . import dispatch
 from .checks import (Weights, check_beta, check_loss_type, check_pairs, check_same_device,
-                     check_tensor, check_weights)
+                     check_tensor, check_timesteps, check_weights)
 from .compute import compute
 from .layout import detached, memory_order, rows
 from .recipes import get_convention, implicit_accuracy, linear_weights
@@ -122,6 +122,7 @@ def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Ten
             raise ValueError("timesteps: required when loss_weighting='linear'")
         check_tensor("model_pred", model_pred)
         b = check_pairs(model_pred)
+        timesteps = check_timesteps(timesteps, b, num_train_timesteps)
         weights = linear_weights(timesteps, b, num_train_timesteps).to(model_pred.device)
     parts = _standard(model_pred, ref_pred, target, beta_dpo, weights, backend, loss_type,
                       conv.logit_scale, "beta_dpo")

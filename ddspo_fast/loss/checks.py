@@ -54,6 +54,9 @@ def check_beta(beta, name: str = "beta", logit_scale: float = 0.5) -> float:
 def check_tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {x.layout} "
+                         f"(call .to_dense() first)")
     if not x.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor (fp32, fp16, bf16 or fp64), "
                          f"got dtype {x.dtype}")
@@ -81,12 +84,50 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on one device, got {listing}")
 
 
+def _as_real_tensor(name: str, values, device) -> torch.Tensor:
+    """A sequence of real numbers as an fp32 tensor; anything else (strings, ragged lists,
+    objects) is a ValueError naming ``name``."""
+    try:
+        return torch.as_tensor(values, dtype=torch.float32, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        shown = repr(values)
+        raise ValueError(f"{name}: expected a tensor or a sequence of real numbers, got "
+                         f"{shown if len(shown) <= 80 else shown[:77] + '...'}") from None
+
+
+def check_timesteps(timesteps, b: int, num_train_timesteps) -> torch.Tensor:
+    """The timesteps of ``loss_weighting="linear"``: (2B,) or (B,) real numbers in
+    [0, num_train_timesteps] (values checked on CPU only, as weights are; a flow
+    scheduler's timesteps reach num_train_timesteps itself)."""
+    if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) \
+            or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps: expected an int >= 2, got {num_train_timesteps!r}")
+    if not isinstance(timesteps, torch.Tensor):
+        timesteps = _as_real_tensor("timesteps", timesteps, "cpu")
+    if timesteps.layout != torch.strided:
+        raise ValueError(f"timesteps: expected a dense (strided) tensor, got layout {timesteps.layout}")
+    if timesteps.dtype == torch.bool or timesteps.is_complex():
+        raise ValueError(f"timesteps: expected real numbers, got dtype {timesteps.dtype}")
+    if timesteps.dim() != 1 or timesteps.shape[0] not in (b, 2 * b):
+        raise ValueError(f"timesteps: expected shape ({2 * b},) or ({b},), "
+                         f"got {tuple(timesteps.shape)}")
+    if timesteps.device.type == "cpu" and not torch.compiler.is_compiling():
+        t = timesteps.detach()[:b].double()
+        hi = num_train_timesteps
+        if not bool(((t >= 0) & (t <= hi)).all()):       # NaN fails both
+            raise ValueError(f"timesteps: expected values in [0, {hi}] (num_train_timesteps), "
+                             f"got {[float(v) for v in t.flatten()[:8]]}")
+    return timesteps
+
+
 def check_weights(weights: Weights, b: int, device: torch.device) -> Optional[torch.Tensor]:
     """None, or the per-pair weights as a detached fp32 (B,) tensor on `device`."""
     if weights is None:
         return None
     if not isinstance(weights, torch.Tensor):  # a plain sequence goes to the inputs' device
-        weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        weights = _as_real_tensor("weights", weights, device)
+    if weights.layout != torch.strided:
+        raise ValueError(f"weights: expected a dense (strided) tensor, got layout {weights.layout}")
     if weights.dtype == torch.bool or weights.is_complex():
         raise ValueError(f"weights: expected real numbers, got dtype {weights.dtype}")
     if weights.shape != (b,):

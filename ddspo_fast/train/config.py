@@ -205,6 +205,9 @@ class TrainConfig:
                                 "checkpoints, metrics and logs are deleted (its final weights "
                                 "are replaced at the end). Without it such a directory is "
                                 "refused unless resume is set.")
+    allow_encoder_mismatch: bool = _f(False, "Train on a dataset whose recorded text encoders "
+                                             "(or VAE) differ from model's, with a warning; "
+                                             "without it such a dataset is refused.")
     on_nonfinite: str = _f("stop", "What a non-finite loss or gradient does (checked on log "
                                    "and checkpoint steps, no per-step sync): stop = raise "
                                    "NonFiniteError naming the step, keeping every finite "
@@ -258,8 +261,8 @@ class TrainConfig:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v) -> bool:  # and fits torch's 64-bit ints
+            return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
 
         def is_num(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -325,6 +328,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not is_int(v) or v < 0:
                 raise bad(name, "an int >= 0")
+        if self.seed >= 2 ** 32:  # numpy's seed (accelerate's set_seed) takes 32 bits
+            raise bad("seed", "an int in [0, 4294967295]")
         if self.checkpoints_keep is not None and (not is_int(self.checkpoints_keep)
                                                   or self.checkpoints_keep < 1):
             raise bad("checkpoints_keep", "None or an int >= 1")

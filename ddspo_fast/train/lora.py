@@ -60,9 +60,25 @@ def add_policy_lora(module, rank: int, alpha: float | None, targets, seed: int) 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        module.add_adapter(cfg, adapter_name=POLICY)
+        add_adapter_named(module, cfg, POLICY, targets)
     finally:
         torch.random.set_rng_state(state)
+
+
+def add_adapter_named(module, cfg, name: str, targets) -> None:
+    """``module.add_adapter(cfg, adapter_name=name)``; target names the module lacks are
+    a ValueError naming lora_targets and listing names it does have (peft's own message
+    names neither the setting nor the choices)."""
+    try:
+        module.add_adapter(cfg, adapter_name=name)
+    except ValueError as e:
+        if "not found" not in str(e).lower() and "target" not in str(e).lower():
+            raise
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules()
+                         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+        raise ValueError(f"lora_targets: {list(targets)} matches no layer of the "
+                         f"{type(module).__name__}; its Linear/Conv2d layers are named e.g. "
+                         f"{leaves[:12]}") from None
 
 
 def find_pair_dirs(pair_lora) -> tuple[Path, Path]:

@@ -1,6 +1,9 @@
 """The run directory: who may write it, what an earlier run left in it, and how the final
 weights are published into it.
 
+* Apart from the inputs: output_dir may not be, contain or sit inside the model, the
+  data or any other input folder or file, ``overwrite`` or not (``check_apart``, before
+  the lock is taken, so a refused run leaves nothing behind).
 * One writer: the trainer holds ``fsio.DirLock`` on output_dir for the life of a run.
 * No silent reuse: a directory holding an earlier run is refused unless the run resumes
   it (``resume``) or replaces it (``overwrite``), so a rerun never prunes or overwrites the
@@ -17,7 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ..fsio import (dir_mode, explain_disk_full, file_mode, fsync_dir, make_temp_dir,
+from ..fsio import (check_output_apart, dir_mode, explain_disk_full, file_mode, fsync_dir,
+                    make_temp_dir,
                     publish_dir)
 from . import checkpoint as ckpt
 from .errors import OutputDirNotEmptyError
@@ -41,6 +45,18 @@ def contents(out) -> list[str]:
 
 def has_export(out) -> bool:
     return any((Path(out) / m).exists() for m in EXPORT_MARKERS)
+
+
+#: the config fields that name what a run reads (files or folders)
+INPUT_FIELDS = ("model", "data", "reference_cache", "pair_lora", "rand_cond_prompts")
+
+
+def check_apart(cfg, out_field: str = "output_dir", out=None, fields=INPUT_FIELDS) -> None:
+    """ValueError when the run's output (``cfg.<out_field>``, or ``out``) is, contains or
+    sits inside one of its inputs (the ``fields`` that ``cfg`` has and sets)."""
+    out = getattr(cfg, out_field) if out is None else out
+    inputs = [(f, getattr(cfg, f, None)) for f in fields]
+    check_output_apart(out, out_field, inputs)
 
 
 def check_reuse(out, resume, overwrite: bool) -> None:

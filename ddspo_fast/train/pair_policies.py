@@ -45,7 +45,7 @@ from . import checkpoint as ckpt
 from .config import (FAMILIES, LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS,
                      TRUST_CHECKPOINT_HELP, TrainConfig, as_config, weight_dtype)
 from .config import config_field as _f
-from .lora import LOSE, WIN
+from .lora import LOSE, WIN, add_adapter_named
 
 WIN_DIR, LOSE_DIR = "pos_lora_unet", "neg_lora_unet"  # the official script's names
 CONFIG_FILE = "train_pair_config.yaml"
@@ -124,6 +124,9 @@ class PairTrainConfig:
     overwrite: bool = _f(False, "Start afresh in an output_dir that already holds adapters "
                                 "or checkpoints (they are replaced); without it such a "
                                 "directory is refused unless resuming.")
+    allow_encoder_mismatch: bool = _f(False, "Train on a dataset whose recorded text encoders "
+                                             "(or VAE) differ from model's, with a warning; "
+                                             "without it such a dataset is refused.")
     seed: int = _f(0, "Seed for data order, timesteps, noise and LoRA init.")
     device: Optional[str] = _f(None, "Device (default: accelerate's choice).")
     log_every: int = _f(10, "Log metrics and check the loss is finite every N steps.")
@@ -142,8 +145,8 @@ class PairTrainConfig:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v) -> bool:  # and fits torch's 64-bit ints
+            return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
 
         def is_num(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -166,6 +169,8 @@ class PairTrainConfig:
         for name in ("lr_warmup_steps", "checkpoint_every", "num_workers", "seed"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "an int >= 0")
+        if self.seed >= 2 ** 32:  # numpy's seed (accelerate's set_seed) takes 32 bits
+            raise bad("seed", "an int in [0, 4294967295]")
         for name in ("max_steps", "checkpoints_keep"):
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 1):
@@ -280,8 +285,8 @@ def add_pair_adapters(module, rank: int, alpha: float, targets, dropout: float,
         with warnings.catch_warnings():  # two adapters on one module is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for name in (WIN, LOSE):
-                module.add_adapter(pair_lora_config(rank, alpha, targets, dropout),
-                                   adapter_name=name)
+                add_adapter_named(module, pair_lora_config(rank, alpha, targets, dropout),
+                                  name, targets)
     finally:
         torch.random.set_rng_state(state)
 
@@ -370,9 +375,11 @@ class PairTrainer:
     # ================================================================== setup
     def _claim_output_dir(self) -> None:
         from ..fsio import DirLock
+        from .outdir import check_apart
 
         cfg = self.config
         if self.is_main:
+            check_apart(cfg)  # before the lock: a refused run leaves nothing behind
             if self.out.exists() and not self.out.is_dir():
                 raise ValueError(f"output_dir: {self.out} exists and is not a directory")
             self._lock = DirLock(self.out, "output_dir").acquire()
@@ -390,6 +397,7 @@ class PairTrainer:
 
     def _setup_data_and_models(self) -> None:
         from ..data import open_dataset
+        from ..data.provenance import check_encoders
         from ..models import detect_family, load_adapter
 
         cfg, acc = self.config, self.accelerator
@@ -397,6 +405,7 @@ class PairTrainer:
         self.dataset = open_dataset(cfg.data, family=self.family)
         if len(self.dataset) == 0:
             raise ValueError(f"data: {cfg.data} holds no pairs")
+        check_encoders(self.dataset, cfg.model, self.family, cfg.allow_encoder_mismatch)
         self.batches_per_epoch = (len(self.dataset) // acc.num_processes) // cfg.batch_size
         if self.batches_per_epoch < 1:
             raise ValueError(f"batch_size: {cfg.batch_size} pairs x {acc.num_processes} "

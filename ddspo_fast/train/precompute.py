@@ -28,6 +28,7 @@ import torch
 from ..fsio import DirLock, atomic_write
 from . import refcache as rc
 from .config import weight_dtype
+from .outdir import INPUT_FIELDS, check_apart
 from .pairs import PairLoss, make_inputs, needs_text_encoder, pair_mode
 
 
@@ -184,6 +185,11 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
                          f"{device.type}); use 'bf16' or 'no'")
     is_main = rank == 0
     out = Path(out)
+    # before the lock, so a refused run leaves nothing behind; the config's own
+    # reference_cache is the cache being written, not an input
+    check_apart(cfg, "out", out, [f for f in INPUT_FIELDS if f != "reference_cache"])
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} exists and is not a directory (expected a cache directory)")
 
     family = cfg.family or detect_family(cfg.model)
     dataset = open_dataset(cfg.data, family=family)

@@ -114,6 +114,7 @@ class Trainer:
         self.weight_dtype = weight_dtype(self.mixed_precision)
 
         self._lock: DirLock | None = None
+        outdir.check_apart(cfg)  # before the lock: a refused run leaves nothing behind
         self._acquire_lock()
         try:
             if self.is_main:
@@ -155,6 +156,7 @@ class Trainer:
     # ================================================================== setup
     def _setup_data(self) -> None:
         from ..data import open_dataset
+        from ..data.provenance import check_encoders
         from ..models import detect_family
 
         cfg = self.config
@@ -162,6 +164,7 @@ class Trainer:
         self.dataset = open_dataset(cfg.data, family=self.family)
         if len(self.dataset) == 0:
             raise ValueError(f"data: {cfg.data} holds no pairs")
+        check_encoders(self.dataset, cfg.model, self.family, cfg.allow_encoder_mismatch)
         world = self.accelerator.num_processes
         self.batches_per_epoch = (len(self.dataset) // world) // cfg.batch_size
         if self.batches_per_epoch < 1:
