@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from . import EXIT_OK, CLIError, one_line
-from ._args import quiet_libraries, short
+from ._args import allow_bitsandbytes, quiet_libraries, short
 from ._config_args import add_dataclass_arguments, flag_name
 
 HELP = "fine-tune with DDSPO or Diffusion-DPO"
@@ -57,17 +57,9 @@ def build_config(args: argparse.Namespace, cls=None):
     try:
         cfg = cls.from_yaml(path, overrides=given) if path is not None else cls.from_dict(given)
         cfg.check_ready()
-        _check_local_model(cfg.model)
     except ValueError as e:
         raise _blame(one_line(e), cls, given, path) from e
     return cfg
-
-
-def _check_local_model(model: Optional[str]) -> None:
-    # a hub id is resolved by the trainer; a path that is plainly local must exist
-    if model and (Path(model).is_absolute() or model.startswith((".", "~"))) \
-            and not Path(model).expanduser().exists():
-        raise ValueError(f"model: {model} does not exist")
 
 
 def _blame(msg: str, cls, given: Dict[str, Any], path: Optional[str]) -> CLIError:
@@ -90,6 +82,8 @@ def summary_line(summary: Any) -> str:
 
 def run(args) -> int:
     cfg = build_config(args)
+    if cfg.optimizer == "adamw8bit":
+        allow_bitsandbytes()
     quiet_libraries(debug=args.debug, progress=cfg.progress)
     from ..train import Trainer
 
