@@ -22,7 +22,8 @@ def add_arguments(p) -> None:
                         "script; structural: drop or swap attributes, relations and objects; llm: a local "
                         "instruction-tuned LM rewrites the prompt (--llm) (default: random)")
     p.add_argument("--variants", type=positive_int("--variants"), default=1, metavar="N",
-                   help="up to N distinct degraded prompts per prompt (default: 1)")
+                   help="up to N distinct degraded prompts per prompt (default: 1); prepare "
+                        "still makes one pair per prompt, choosing one of them by its seed")
     p.add_argument("--seed", type=integer("--seed"), default=0, metavar="S", help="random seed (default: 0)")
     p.add_argument("--show-skipped", type=integer("--show-skipped"), default=10, metavar="K",
                    help="list at most K skipped prompts on stderr (default: 10)")
@@ -50,6 +51,9 @@ def run(args) -> int:
     if len(rejected) > args.show_skipped:
         eprint(f"{PROG}: ... and {len(rejected) - args.show_skipped} more rejected LLM outputs")
     eprint(f"{PROG}: {result.summary()} -> {args.out}")
+    if args.variants > 1:
+        eprint(f"{PROG}: note: prepare makes one pair per prompt and picks one of its "
+               f"{args.variants} variants by seed (a fixed choice per prompt and seed)")
     return EXIT_OK
 
 

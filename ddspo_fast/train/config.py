@@ -388,9 +388,6 @@ class TrainConfig:
         """Checks that only matter when training starts (required paths present)."""
         if not self.model:
             raise ValueError("model: required (a local diffusers pipeline directory or hub id)")
-        problem = missing_local_model(self.model)
-        if problem:
-            raise ValueError(f"model: {problem}")
         if not self.data:
             raise ValueError("data: required (a pair dataset directory)")
         if not os.path.isdir(self.data):
@@ -405,6 +402,9 @@ class TrainConfig:
                              "(make one with `ddspo-fast precompute`)")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise ValueError(f"output_dir: {self.output_dir} is a file, not a directory")
+        problem = missing_local_model(self.model)
+        if problem:
+            raise ValueError(f"model: {problem}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
