@@ -153,7 +153,7 @@ def export(source, out, *, overwrite: bool = False, model: Optional[str] = None)
     if problem:
         raise ValueError(f"model: {problem} (the checkpoint's base model; give its new place)")
     out = Path(out)
-    _check_out(out, [src.checkpoint, Path(base)], overwrite)
+    _check_out(out, [Path(source), src.checkpoint, Path(base)], overwrite)
     family = cfg.family or detect_family(base)
     adapter = load_adapter(base, family, components=("denoiser",), device="cpu",
                            dtype=torch.float32)
