@@ -76,14 +76,18 @@ SPEED = [  # (regex, replacement): the same commands, short
     (r"num_images_per_prompt=\d+", "num_images_per_prompt=1"),
 ]
 
-def _sd15_run(sandbox: Path) -> str:
-    """A finished tiny SD1.5 run at runs/sd15-ddspo (the run a snippet evaluates)."""
-    from ddspo_fast.train import TrainConfig, Trainer
+def _tiny_run(out: str, **kw):
+    """A finished tiny SD1.5 run at ``out`` in the sandbox (the run a snippet loads)."""
 
-    Trainer(TrainConfig(model=tiny_model("sd15"), data=tiny_data("sd15", n_pairs=8),
-                        output_dir=str(sandbox / "runs" / "sd15-ddspo"), max_steps=1,
-                        checkpoint_every=0, progress=False, tensorboard=False)).train()
-    return ""
+    def make(sandbox: Path) -> str:
+        from ddspo_fast.train import TrainConfig, Trainer
+
+        Trainer(TrainConfig(model=tiny_model("sd15"), data=tiny_data("sd15", n_pairs=8),
+                            output_dir=str(sandbox / out), max_steps=1, checkpoint_every=0,
+                            progress=False, tensorboard=False, **kw)).train()
+        return ""
+
+    return make
 
 
 PRELUDES = {
@@ -97,7 +101,8 @@ PRELUDES = {
         "target = torch.randn(2 * B, *S, generator=g)\n"
         "ref_out = torch.randn(3 * B, *S, generator=g)\n"),
     "torch": "import torch\n",
-    "sd15-run": _sd15_run,
+    "sd15-run": _tiny_run("runs/sd15-ddspo"),
+    "sd15-lora-run": _tiny_run("ddspo-output", lora_rank=4, lora_alpha=8),
 }
 
 

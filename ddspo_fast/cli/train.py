@@ -57,9 +57,20 @@ def build_config(args: argparse.Namespace, cls=None):
     try:
         cfg = cls.from_yaml(path, overrides=given) if path is not None else cls.from_dict(given)
         cfg.check_ready()
+        _check_local_model(cfg.model)
     except ValueError as e:
         raise _blame(one_line(e), cls, given, path) from e
     return cfg
+
+
+def _check_local_model(model: Optional[str]) -> None:
+    # a hub id is resolved by the trainer; a plainly local path must exist (train-pair's
+    # config has its own check_ready, so this is checked here for both)
+    from ..train.config import missing_local_model
+
+    problem = missing_local_model(model) if model else None
+    if problem:
+        raise ValueError(f"model: {problem}")
 
 
 def _blame(msg: str, cls, given: Dict[str, Any], path: Optional[str]) -> CLIError:
