@@ -143,8 +143,8 @@ def test_hub_ids_are_left_to_the_hub():
 
 
 # ---------------------------------------------------------------------- --threads
-@pytest.mark.parametrize("command", ["prepare", "encode", "precompute", "train", "train-pair",
-                                     "export", "bench", "demo"])
+@pytest.mark.parametrize("command", ["degrade", "prepare", "encode", "precompute", "train",
+                                     "train-pair", "export", "bench", "demo"])
 def test_every_command_that_runs_torch_takes_threads(command, capsys):
     if command in ("bench", "demo"):  # their own parsers: the flag is in their help
         assert _main(command, *(["loss"] if command == "bench" else []), "--help") == 0

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from . import EXIT_OK, PROG, CLIError, eprint
-from ._args import integer, positive_int
+from ._args import add_threads_argument, integer, positive_int, torch_threads
 
 HELP = "write degraded (dispreferred) prompts for each prompt"
 DESCRIPTION = ("Degrade prompts into dispreferred prompts c- for DDSPO. Output: JSONL lines "
@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--show-skipped", type=integer("--show-skipped"), default=10, metavar="K",
                    help="list at most K skipped prompts on stderr (default: 10)")
     _add_llm_arguments(p)
+    add_threads_argument(p)  # --method llm runs a torch model
 
 
 def run(args) -> int:
@@ -37,8 +38,9 @@ def run(args) -> int:
         raise CLIError(f"argument PROMPTS: {args.prompts} does not exist")
     if Path(args.out).resolve() == Path(args.prompts).resolve():
         raise CLIError("argument --out: refusing to overwrite the input prompts file")
-    result = degrade_file(args.prompts, args.out, method=args.method, variants=args.variants, seed=args.seed,
-                          **_degrade_options(args))
+    with torch_threads(args.threads):
+        result = degrade_file(args.prompts, args.out, method=args.method, variants=args.variants,
+                              seed=args.seed, **_degrade_options(args))
     if not result.records and not result.skipped:
         raise CLIError(f"argument PROMPTS: no prompts found in {args.prompts}")
     for rec in result.skipped[: args.show_skipped]:
