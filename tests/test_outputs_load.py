@@ -128,3 +128,23 @@ def test_pair_adapters_load_with_load_lora_weights(family, tmp_path):
             with torch.no_grad():
                 got = a.predict(_loaded(family, root / d), x, t, cond)
             assert _close(got, want[name], want[name] - base), (root, d)
+
+
+def test_full_finetune_checkpoint_exports_as_a_pipeline(tmp_path):
+    """A full fine-tune's checkpoint becomes a pipeline folder whose denoiser holds the
+    trained weights (bit for bit: fp32 in, fp32 out)."""
+    import diffusers
+
+    from ddspo_fast.train import Trainer
+    from ddspo_fast.train.export import export, loadable
+
+    run = tmp_path / "run"
+    with Trainer(config("sd15", run, max_steps=1, checkpoint_every=1, learning_rate=1e-2)) as tr:
+        tr.train()
+        want = {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
+    info = export(run, tmp_path / "out")
+    assert info["kind"] == "pipeline" and info["step"] == 1
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    got = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(got[n], w) for n, w in want.items())
+    assert loadable(tmp_path / "out", tmp_path / "scratch").kind == "pipeline"
