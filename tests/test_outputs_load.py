@@ -87,7 +87,7 @@ def _file_metadata(path):
     return json.loads(raw) if raw else None
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pair_adapters_load_with_load_lora_weights(family, tmp_path):
     """DD-CPP's pos/neg adapters hold a diffusers LoRA file beside the peft files (which
     stay), and ``load_lora_weights`` on each folder gives that adapter's output; an
