@@ -327,6 +327,7 @@ def make_tiny_model(family: str, path: str | os.PathLike) -> str:
     try:
         with quiet_loading():
             pipe.save_pretrained(tmp)
+        _umask_modes(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -334,6 +335,19 @@ def make_tiny_model(family: str, path: str | os.PathLike) -> str:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
+
+
+def _umask_modes(root: Path) -> None:
+    """The modes ``mkdir`` / ``open`` give under the umask (mkdtemp makes 0700 and
+    safetensors writes 0600, so a model shared with another user would be unreadable)."""
+    from .fsio import dir_mode, file_mode
+
+    os.chmod(root, dir_mode())
+    for dirpath, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(dirpath, d), dir_mode())
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), file_mode())
 
 
 _TINY_PROMPTS = ("a photo of a cat", "a red car on the street", "a dog in the house",

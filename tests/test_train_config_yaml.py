@@ -39,7 +39,7 @@ def test_kebab_keys_overrides_and_empty_file(tmp_path):
     ("- a\n- b\n", r"c\.yaml: expected a mapping of field names to values, got list"),
     ("betta: 1\n", r"^betta: unknown config field \(did you mean 'beta'\?\)"),
     ("zzz: 1\n", r"^zzz: unknown config field \(known: model, data, "),
-    ("seed: 1\nseed: 2\n", None),  # YAML itself lets the last one win
+    ("seed: 1\nseed: 2\n", r"c\.yaml: line 2: seed: given twice"),  # YAML lets the last win
     ("lora_rank: 1\nlora-rank: 2\n", r"^lora_rank: given twice"),
 ])
 def test_bad_files_raise_one_clear_error(tmp_path, text, match):

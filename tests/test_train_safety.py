@@ -145,17 +145,19 @@ def _enospc(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_disk_full_during_export_keeps_the_earlier_export(tmp_path):
+def test_disk_full_during_export_keeps_the_earlier_export(tmp_path, monkeypatch):
+    from ddspo_fast.train import trainer as trainer_module
+
     Trainer(config("sd15", tmp_path, max_steps=1, save_final=True, **LORA)).train()
     before = (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
     tr = Trainer(config("sd15", tmp_path, max_steps=1, save_final=True, overwrite=True, **LORA))
-    orig = tr.adapter.save_lora
+    orig = trainer_module.write_lora
 
-    def half_then_full(state, out):
-        orig(state, out)  # writes the file, then the disk fills up
+    def half_then_full(*args, **kwargs):
+        orig(*args, **kwargs)  # writes the file, then the disk fills up
         _enospc()
 
-    tr.adapter.save_lora = half_then_full
+    monkeypatch.setattr(trainer_module, "write_lora", half_then_full)
     with pytest.raises(fsio.DiskFullError,
                        match=f"no space left on device while writing {tmp_path}"):
         tr.train()

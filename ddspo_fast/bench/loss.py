@@ -372,7 +372,7 @@ def default_out(device: torch.device, quick: bool) -> str:
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="ddspo-fast bench loss", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="ddspo-fast bench loss", description=" ".join(__doc__.split("\n\n")[0].split()),
                                 epilog="Without --out: benchmarks/results/loss-<device>.json "
                                        "(--quick: runs/bench/loss-<device>-quick.json); the "
                                        "plot needs matplotlib (pip install matplotlib).")

@@ -8,6 +8,9 @@ is a ``_`` in the module's), each exposing:
     add_arguments(parser) -> None   declare the command's arguments on an argparse parser
     run(args) -> int                do it; return the exit code, raise CLIError for a
                                     one-line error
+    NEEDS_BITSANDBYTES = True       (optional) the command may use bitsandbytes' 8-bit
+                                    optimizers; every other command runs without it
+                                    imported (``_args.without_bitsandbytes``)
     PASSTHROUGH = True              (optional) hand the raw arguments to another program's
                                     parser instead: ``run`` gets ``Namespace(argv=[...],
                                     parser=<this command's parser, for its --help>)``
@@ -34,7 +37,8 @@ from typing import Any, List, Optional, Sequence
 PROG = "ddspo-fast"
 
 #: Subcommands in help order; ``foo-bar`` lives in ``ddspo_fast/cli/foo_bar.py``.
-COMMANDS = ("degrade", "prepare", "encode", "precompute", "train", "train-pair", "evaluate", "validate", "bench", "demo")
+COMMANDS = ("degrade", "prepare", "encode", "precompute", "train", "train-pair", "export", "evaluate",
+            "validate", "bench", "demo")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -117,7 +121,10 @@ def _run(argv: List[str], state: dict) -> int:
         from ._validate import check_parsed
 
         check_parsed(parser, args)  # before the command locks or writes anything
-    return int(module.run(args))
+    from ._args import without_bitsandbytes
+
+    with without_bitsandbytes(not getattr(module, "NEEDS_BITSANDBYTES", False)):
+        return int(module.run(args))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

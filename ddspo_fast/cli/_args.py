@@ -6,6 +6,8 @@ import importlib
 import logging
 import os
 import re
+import sys
+from contextlib import contextmanager
 from typing import Any, Callable, Optional, Sequence
 
 from . import CLIError
@@ -73,3 +75,59 @@ def short(v: Any) -> str:
         return f"{v:.6g}"
     s = str(v)
     return s if len(s) <= 80 else s[:77] + "..."
+
+
+_BNB = "bitsandbytes"
+
+
+@contextmanager
+def without_bitsandbytes(active: bool = True):
+    """Keep bitsandbytes out of a command that uses no 8-bit optimizer.
+
+    peft, accelerate and transformers import it whenever it is installed: a second or
+    more of import, and on some CPUs a network lookup for an optional kernel that prints
+    a warning when it fails. Within the block ``import bitsandbytes`` fails and
+    ``importlib.util.find_spec`` reports it missing (a ``None`` entry in ``sys.modules``,
+    the import system's own mark for an unavailable module), so the libraries behave as
+    on an install without it. Nothing happens when it was imported already; the entry is
+    removed on exit, or earlier by ``allow_bitsandbytes`` (a run that needs it).
+    """
+    hidden = active and _BNB not in sys.modules
+    if hidden:
+        sys.modules[_BNB] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if hidden:
+            allow_bitsandbytes()
+
+
+def allow_bitsandbytes() -> None:
+    """Undo ``without_bitsandbytes`` now: bitsandbytes imports again."""
+    if sys.modules.get(_BNB, False) is None:
+        del sys.modules[_BNB]
+
+
+def add_threads_argument(p) -> None:
+    """``--threads N``: every command that runs torch takes it (a shared CPU is easily
+    oversubscribed: torch starts one thread per core in every process)."""
+    p.add_argument("--threads", type=positive_int("--threads"), metavar="N", default=None,
+                   help="intra-op CPU threads for torch (default: torch's setting, the "
+                        "physical cores or OMP_NUM_THREADS); on a busy machine fewer are "
+                        "often faster")
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]):
+    """Within the block torch uses ``threads`` intra-op threads (None: unchanged)."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

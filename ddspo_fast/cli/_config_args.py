@@ -106,6 +106,8 @@ def _add_field(hf, group, f: dataclasses.Field, tp) -> None:
     action, *added = group._group_actions[start:]
 
     shown = "(required)" if default is dataclasses.MISSING else f"(default: {default!r})"
+    if "(required)" in (action.help or ""):  # required in the end, from a flag or the YAML
+        shown = ""
     if optional and not is_bool and action.nargs != "+":
         action.type = _none_or(action.type or str)
         if choices:

@@ -10,6 +10,7 @@ from ._passthrough import run_main
 HELP = "run a benchmark: bench {loss,step} [ARGS...]"
 DESCRIPTION = "Run a benchmark; everything after the benchmark's name is passed to it."
 PASSTHROUGH = True
+NEEDS_BITSANDBYTES = True  # the step ladder's adamw8bit rung
 
 BENCHES = {"loss": ("ddspo_fast.bench.loss", "loss kernels, every backend"),
            "step": ("ddspo_fast.bench.step", "one full training step")}

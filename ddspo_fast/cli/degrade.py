@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import EXIT_OK, PROG, CLIError, eprint
-from ._args import integer, number, positive_int
+from ._args import add_threads_argument, integer, number, positive_int, torch_threads
 
 HELP = "write degraded (dispreferred) prompts for each prompt"
 DESCRIPTION = ("Degrade prompts into dispreferred prompts c- for DDSPO. Output: JSONL lines "
@@ -21,7 +21,8 @@ def add_arguments(p) -> None:
                         "script; structural: drop or swap attributes, relations and objects; llm: a local "
                         "instruction-tuned LM rewrites the prompt (--llm) (default: random)")
     p.add_argument("--variants", type=positive_int("--variants"), default=1, metavar="N",
-                   help="up to N distinct degraded prompts per prompt (default: 1)")
+                   help="up to N distinct degraded prompts per prompt (default: 1); prepare "
+                        "still makes one pair per prompt, choosing one of them by its seed")
     p.add_argument("--seed", type=integer("--seed"), default=0, metavar="S", help="random seed (default: 0)")
     p.add_argument("--tries", type=positive_int("--tries"), default=None, metavar="N",
                    help="draws per prompt of random / structural (default: 5 for random, as the official "
@@ -30,6 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--show-skipped", type=integer("--show-skipped"), default=10, metavar="K",
                    help="list at most K skipped prompts on stderr (default: 10)")
     _add_llm_arguments(p)
+    add_threads_argument(p)  # --method llm runs a torch model
 
 
 def run(args) -> int:
@@ -39,8 +41,9 @@ def run(args) -> int:
         raise CLIError(f"argument PROMPTS: {args.prompts} does not exist")
     if Path(args.out).resolve() == Path(args.prompts).resolve():
         raise CLIError("argument --out: refusing to overwrite the input prompts file")
-    result = degrade_file(args.prompts, args.out, method=args.method, variants=args.variants, seed=args.seed,
-                          tries=args.tries, **_degrade_options(args))
+    with torch_threads(args.threads):
+        result = degrade_file(args.prompts, args.out, method=args.method, variants=args.variants,
+                              seed=args.seed, tries=args.tries, **_degrade_options(args))
     if not result.records and not result.skipped:
         raise CLIError(f"argument PROMPTS: no prompts found in {args.prompts}")
     for rec in result.skipped[: args.show_skipped]:
@@ -53,6 +56,9 @@ def run(args) -> int:
     if len(rejected) > args.show_skipped:
         eprint(f"{PROG}: ... and {len(rejected) - args.show_skipped} more rejected LLM outputs")
     eprint(f"{PROG}: {result.summary()} -> {args.out}")
+    if args.variants > 1:
+        eprint(f"{PROG}: note: prepare makes one pair per prompt and picks one of its "
+               f"{args.variants} variants by seed (a fixed choice per prompt and seed)")
     return EXIT_OK
 
 

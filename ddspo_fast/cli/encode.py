@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-skipped", type=int, default=10, metavar="K",
                    help="list at most K left-out pairs on stderr (default: 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ._args import add_threads_argument
+
+    add_threads_argument(p)
 
 
 def _flag_error(e: ValueError) -> ValueError:
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.encode import encode_pairs
     from ..fsio import LockedError
-    from ._args import quiet_libraries
+    from ._args import quiet_libraries, torch_threads
 
     quiet_libraries(debug=getattr(args, "debug", False), progress=not args.no_progress)
 
@@ -100,12 +103,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"ddspo-fast: left out {problem}", file=sys.stderr, flush=True)
 
     try:
-        result = encode_pairs(
-            args.model, args.pairs, args.out, resolution=args.resolution, batch_size=args.batch_size,
-            ties=args.ties, on_bad=args.on_bad, latent=args.latent,
-            degrade=None if args.degrade == "none" else args.degrade, seed=args.seed,
-            family=args.family, device=args.device, store_dtype=args.store_dtype,
-            shard_size=args.shard_size, progress=not args.no_progress, on_problem=show)
+        with torch_threads(args.threads):
+            result = encode_pairs(
+                args.model, args.pairs, args.out, resolution=args.resolution,
+                batch_size=args.batch_size, ties=args.ties, on_bad=args.on_bad, latent=args.latent,
+                degrade=None if args.degrade == "none" else args.degrade, seed=args.seed,
+                family=args.family, device=args.device, store_dtype=args.store_dtype,
+                shard_size=args.shard_size, progress=not args.no_progress, on_problem=show)
     except ValueError as e:
         raise _flag_error(e) from e
     except LockedError as e:  # a second writer on the same dataset

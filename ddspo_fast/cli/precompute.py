@@ -54,8 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DDSPO pair: reference (TF-CPP) or lora (DD-CPP, needs --pair-lora)")
     p.add_argument("--pair-lora", metavar="DIR", help="DD-CPP: directory with win/ and lose/")
     p.add_argument("--seed", type=int)
-    p.add_argument("--mixed-precision", choices=("bf16", "fp16", "no"),
-                   help="autocast dtype of the frozen networks (as in training; default bf16)")
+    p.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"),
+                   help="autocast dtype of the frozen networks, as in training (default auto: "
+                        "bf16 on a GPU, no (fp32) on the CPU)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="stored dtype of the target rows (default: that of --mixed-precision)")
     p.add_argument("--batch-size", type=int, metavar="N",
@@ -76,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float,
                    help="FLUX.1 [dev]: the guidance value of training (default 3.5, as in training)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ._args import add_threads_argument
+
+    add_threads_argument(p)
 
 
 def _flag_of(message: str) -> str:
@@ -110,14 +114,16 @@ def _config(args):
 
 def run(args: argparse.Namespace) -> int:
     from ..train.precompute import precompute
-    from ._args import quiet_libraries
+    from ._args import quiet_libraries, torch_threads
 
     quiet_libraries(debug=getattr(args, "debug", False), progress=not args.no_progress)
 
     cfg = _config(args)
     try:
-        res = precompute(cfg, args.out, args.draws, dtype=args.dtype, batch_size=args.batch_size,
-                         pairs_per_shard=args.pairs_per_shard, progress=not args.no_progress)
+        with torch_threads(args.threads):
+            res = precompute(cfg, args.out, args.draws, dtype=args.dtype,
+                             batch_size=args.batch_size, pairs_per_shard=args.pairs_per_shard,
+                             progress=not args.no_progress)
     except ValueError as e:
         raise ValueError(_flag_of(str(e))) from None
     gib = res["pairs"] * res["draws"] * res["bytes_per_pair_draw"] / 2 ** 30

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import EXIT_OK, PROG, CLIError, eprint, one_line
-from ._args import field_of_error, import_optional, integer, number, positive_int, quiet_libraries
+from ._args import (add_threads_argument, field_of_error, import_optional, integer, number,
+                    positive_int, quiet_libraries, torch_threads)
 
 HELP = "sample preferred/dispreferred latents into a pair dataset"
 DESCRIPTION = ("Generate a packed pair dataset (latents and text embeddings) from degraded prompts with "
@@ -34,6 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--store-dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="dtype latents and embeddings are stored in (default: float16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_argument(p)
 
 
 def run(args) -> int:
@@ -49,10 +51,11 @@ def run(args) -> int:
         extra["store_dtype"] = args.store_dtype
     quiet_libraries(debug=args.debug, progress=not args.no_progress)
     try:
-        result = mod.prepare_dataset(
-            args.model, args.prompts, args.out, steps=args.steps, cfg=args.cfg, batch_size=args.batch_size,
-            seed=args.seed, family=args.family, device=args.device, progress=not args.no_progress, **extra,
-        )
+        with torch_threads(args.threads):
+            result = mod.prepare_dataset(
+                args.model, args.prompts, args.out, steps=args.steps, cfg=args.cfg,
+                batch_size=args.batch_size, seed=args.seed, family=args.family, device=args.device,
+                progress=not args.no_progress, **extra)
     except ValueError as e:
         msg = one_line(e)
         name = field_of_error(msg, list(_FLAGS))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from . import EXIT_OK, CLIError, one_line
-from ._args import quiet_libraries, short
+from ._args import allow_bitsandbytes, quiet_libraries, short
 from ._config_args import add_dataclass_arguments, flag_name
 
 HELP = "fine-tune with DDSPO or Diffusion-DPO"
@@ -64,10 +64,13 @@ def build_config(args: argparse.Namespace, cls=None):
 
 
 def _check_local_model(model: Optional[str]) -> None:
-    # a hub id is resolved by the trainer; a path that is plainly local must exist
-    if model and (Path(model).is_absolute() or model.startswith((".", "~"))) \
-            and not Path(model).expanduser().exists():
-        raise ValueError(f"model: {model} does not exist")
+    # a hub id is resolved by the trainer; a plainly local path must exist (train-pair's
+    # config has its own check_ready, so this is checked here for both)
+    from ..train.config import missing_local_model
+
+    problem = missing_local_model(model) if model else None
+    if problem:
+        raise ValueError(f"model: {problem}")
 
 
 def _blame(msg: str, cls, given: Dict[str, Any], path: Optional[str]) -> CLIError:
@@ -90,6 +93,8 @@ def summary_line(summary: Any) -> str:
 
 def run(args) -> int:
     cfg = build_config(args)
+    if cfg.optimizer == "adamw8bit":
+        allow_bitsandbytes()
     quiet_libraries(debug=args.debug, progress=cfg.progress)
     from ..train import Trainer
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from . import EXIT_OK, CLIError, one_line
-from ._args import quiet_libraries, short
+from ._args import add_threads_argument, allow_bitsandbytes, quiet_libraries, short, torch_threads
 from .train import _blame, add_config_arguments, given_values
 from .train import build_config as build_train_config
 
@@ -32,6 +32,7 @@ def _config_cls():
 
 def add_arguments(p) -> None:
     add_config_arguments(p, _config_cls(), "train-pair options")
+    add_threads_argument(p)
 
 
 def build_config(args: argparse.Namespace):
@@ -41,12 +42,15 @@ def build_config(args: argparse.Namespace):
 
 def run(args) -> int:
     cfg = build_config(args)
+    if cfg.optimizer == "adamw8bit":
+        allow_bitsandbytes()
     quiet_libraries(debug=args.debug, progress=cfg.progress)
     from ..fsio import DiskFullError, LockedError
     from ..train.pair_policies import NonFiniteLossError, train_pair
 
     try:
-        summary = train_pair(cfg)
+        with torch_threads(args.threads):
+            summary = train_pair(cfg)
     except ValueError as e:  # name the flag the message is about
         raise _blame(one_line(e), _config_cls(), given_values(args, _config_cls()),
                      getattr(args, "config", None)) from e

@@ -8,7 +8,12 @@ Three things they print on every command that tell a user of this library nothin
   is not installed (the diffusers pipeline modules import CLIP/SigLIP processors that
   no part of this library uses);
 * diffusers' "modules that should be kept in float32: []" on every ``.to(dtype)`` of a
-  model whose keep-in-fp32 list is empty.
+  model whose keep-in-fp32 list is empty;
+* peft's "Already found a `peft_config` attribute" each time a second adapter is added
+  to a module: holding several named adapters on one base is this library's design
+  (``multiple_adapters``);
+  (the command line also keeps bitsandbytes out of a process that needs no 8-bit
+  optimizer: ``cli/_args.without_bitsandbytes``).
 
 Everything is scoped: ``quiet_loading`` restores the libraries' settings on exit, and
 ``cast_module`` only changes how one module is cast. Download progress (the hub's
@@ -18,6 +23,7 @@ bars) is left as the user configured it.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -89,3 +95,12 @@ def cast_module(module: torch.nn.Module, *, device=None, dtype: torch.dtype | No
     if plain:  # ModelMixin.to adds only warnings and quantization checks to nn.Module.to
         return torch.nn.Module.to(module, device=device, dtype=dtype)
     return module.to(device=device, dtype=dtype)
+
+
+@contextmanager
+def multiple_adapters():
+    """Within the block, adding a further peft adapter to a module is silent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        yield
+

@@ -13,6 +13,7 @@ import difflib
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -74,6 +75,33 @@ def resume_differences(saved: Mapping[str, Any], new: "TrainConfig") -> list[tup
         if not same:
             out.append((name, old, value))
     return out
+
+
+# a diffusers pipeline on the hub is always "org/name"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def missing_local_model(model: str) -> Optional[str]:
+    """Why ``model`` is plainly a local path that is not there (None when it exists or may
+    be a hub id). Caught here, before diffusers spends half a minute asking the hub for a
+    mistyped folder: an absolute, ``./`` or ``~`` path, anything that is no hub id, and
+    ``a/b`` where ``a`` is a local folder (``models/tiny-sd5`` beside ``models/``)."""
+    text = str(model)
+    path = os.path.expanduser(text)
+    if os.path.exists(path):
+        return None
+    first = text.replace("\\", "/").split("/", 1)[0]
+    local = (os.path.isabs(path) or text.startswith((".", "~")) or not _HUB_ID.match(text)
+             or ("/" in text and os.path.isdir(first)))
+    if not local:
+        return None
+    near = ""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(parent):
+        close = difflib.get_close_matches(os.path.basename(path), os.listdir(parent), n=1)
+        if close:
+            near = f"; did you mean {os.path.join(os.path.dirname(text), close[0])}?"
+    return f"{text} does not exist (a local path, not a hub id){near}"
 
 
 def config_field(default, help: str, **kw):
@@ -340,6 +368,11 @@ class TrainConfig:
             raise bad("lora_rank", "None (full fine-tune) or an int >= 1")
         if self.lora_alpha is not None and (not is_num(self.lora_alpha) or self.lora_alpha <= 0):
             raise bad("lora_alpha", "None or a positive number")
+        if self.lora_rank is None:  # LoRA settings alone would silently train every weight
+            for name in ("lora_alpha", "lora_targets"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: applies to a LoRA only; set lora_rank too "
+                                     "(without it the whole denoiser is fine-tuned)")
         if self.lora_targets is not None:
             if isinstance(self.lora_targets, str):
                 self.lora_targets = [s.strip() for s in self.lora_targets.split(",") if s.strip()]
@@ -403,17 +436,21 @@ class TrainConfig:
                              "(make one with `ddspo-fast precompute`)")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise ValueError(f"output_dir: {self.output_dir} is a file, not a directory")
+        problem = missing_local_model(self.model)
+        if problem:
+            raise ValueError(f"model: {problem}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        """A config from ``{field: value}``; keys may be snake_case or kebab-case. A bool
-        given for a str field whose choices include "no" / "yes" is read as that word
-        (YAML 1.1 reads ``mixed_precision: no`` as False)."""
+        """A config from ``{field: value}``; keys may be snake_case or kebab-case. Each
+        value is read as its field's type by ``as_field_type`` (or refused naming the
+        field and the type)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"config: expected a mapping of field names to values, got "
                              f"{type(d).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
         values: dict = {}
         for key, value in d.items():
             name = str(key).replace("-", "_")
@@ -423,10 +460,8 @@ class TrainConfig:
                 raise ValueError(f"{key}: unknown config field ({hint})")
             if name in values:
                 raise ValueError(f"{name}: given twice (as {name!r} and {name.replace('_', '-')!r})")
-            choices = fields[name].metadata.get("choices", ())
-            if isinstance(value, bool) and ("no", "yes")[value] in choices:
-                value = ("no", "yes")[value]
-            values[name] = value
+            values[name] = as_field_type(name, value, hints[name],
+                                         fields[name].metadata.get("choices", ()))
         return cls(**values)
 
     @classmethod
@@ -439,7 +474,10 @@ class TrainConfig:
         with open(path, encoding="utf-8") as f:
             text = f.read()
         try:
-            d = yaml.safe_load(text)
+            d = yaml.load(text, Loader=_config_loader())  # noqa: S506 - a SafeLoader subclass
+        except _DuplicateKey as e:
+            raise ValueError(f"{path}: line {e.line}: {e.key}: given twice (each setting "
+                             "once)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -478,6 +516,107 @@ class TrainConfig:
             out[f.name] = {"default": f.default, "help": f.metadata.get("help", ""),
                            "type": f.type, "choices": f.metadata.get("choices")}
         return out
+
+
+# ---------------------------------------------------------------------- reading values
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+_NONE = ("none", "null", "~", "")
+
+
+def as_field_type(name: str, value: Any, hint, choices=()) -> Any:
+    """``value`` (from YAML, a dict or JSON) as field ``name`` of type ``hint`` holds it,
+    or ValueError ``"name: expected <type>, got <value>"``. The quantities people write:
+    ``1e-4`` or ``"1e-4"`` for a float, ``1000.0`` or ``1e3`` for an int, ``yes`` / ``no``
+    / ``true`` / ``"false"`` for a bool, ``null`` / ``none`` for an optional field, and
+    YAML's bare ``no`` (read as False) for a setting whose choices include "no"."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    tp = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
+        if optional:
+            return None
+        return value  # the dataclass names what the field needs
+    what = {bool: "true or false", int: "an integer", float: "a number"}.get(tp)
+    text = value.strip() if isinstance(value, str) else None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = value if isinstance(value, float) else _number(text)
+        if number is not None and math.isfinite(number) and float(number).is_integer():
+            return int(number)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        number = _number(text)
+        if number is not None:
+            return number
+    elif tp is str:
+        if isinstance(value, bool) and ("no", "yes")[value] in choices:
+            return ("no", "yes")[value]  # YAML 1.1 reads a bare `no` as False
+        return value
+    else:
+        return value
+    shown = f"'{value}'" if isinstance(value, str) else repr(value)
+    if isinstance(value, bool):
+        shown = str(value).lower()
+    raise ValueError(f"{name}: expected {what}{' or null' if optional else ''}, got {shown}")
+
+
+def _number(text: Optional[str]) -> Optional[float]:
+    if text is None:
+        return None
+    try:
+        return float(text.replace("_", ""))
+    except ValueError:
+        return None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+_LOADER = None
+
+
+def _config_loader():
+    """A yaml SafeLoader for config files: ``1e-4`` is a float (YAML 1.1 wants ``1.0e-4``;
+    every config written by hand says ``1e-4``), and a key given twice is refused instead
+    of the later value silently winning."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    dup = key in seen
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if dup:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    ConfigLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    ConfigLoader.yaml_implicit_resolvers = {
+        k: sorted(v, key=lambda r: r[0] != "tag:yaml.org,2002:float")
+        for k, v in ConfigLoader.yaml_implicit_resolvers.items()}
+    _LOADER = ConfigLoader
+    return _LOADER
 
 
 def as_config(cls, config):

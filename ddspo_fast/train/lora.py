@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.quiet import multiple_adapters
+
 POLICY = "ddspo"
 WIN, LOSE = "win", "lose"
 PAIR_DIRS = ((WIN, LOSE), ("winning", "losing"), ("pos_lora_unet", "neg_lora_unet"),
@@ -60,7 +62,8 @@ def add_policy_lora(module, rank: int, alpha: float | None, targets, seed: int) 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        add_adapter_named(module, cfg, POLICY, targets)
+        with multiple_adapters():  # beside DD-CPP's pair adapters
+            add_adapter_named(module, cfg, POLICY, targets)
     finally:
         torch.random.set_rng_state(state)
 
@@ -109,7 +112,8 @@ def load_named_adapter(module, path: Path, name: str, prefix: str) -> None:
         from peft import LoraConfig, set_peft_model_state_dict
 
         cfg = LoraConfig.from_pretrained(str(path))
-        module.add_adapter(cfg, adapter_name=name)
+        with multiple_adapters():
+            module.add_adapter(cfg, adapter_name=name)
         f = path / "adapter_model.safetensors"
         if not f.is_file() and not (path / "adapter_model.bin").is_file():
             raise ValueError(f"pair_lora: {path} holds adapter_config.json but no "
@@ -131,7 +135,29 @@ def load_named_adapter(module, path: Path, name: str, prefix: str) -> None:
         sd = load_file(str(f))
         if not any(k.startswith(prefix + ".") for k in sd):
             sd = {f"{prefix}.{k}": v for k, v in sd.items()}  # saved without the prefix
-        module.load_lora_adapter(sd, adapter_name=name, prefix=prefix)
+        with multiple_adapters():
+            module.load_lora_adapter(sd, adapter_name=name, prefix=prefix,
+                                     metadata=_lora_file_metadata(f, prefix))
+
+
+def _lora_file_metadata(path: Path, prefix: str):
+    """The adapter config diffusers stores in a LoRA file (rank, alpha, targets), keyed
+    ``prefix.<field>`` as ``load_lora_adapter`` wants it, or None for a file without it
+    (then diffusers takes alpha = rank, as it always did)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    meta = json.loads(raw)
+    if not isinstance(meta, dict) or not meta:
+        return None
+    if not any(k.startswith(prefix + ".") for k in meta):  # saved without the prefix
+        meta = {f"{prefix}.{k}": v for k, v in meta.items()}
+    return meta
 
 
 def policy_lora_state(module) -> dict:

@@ -277,13 +277,12 @@ def add_pair_adapters(module, rank: int, alpha: float, targets, dropout: float,
                       seed: int) -> None:
     """The winning and losing adapters on ``module``, initialised as peft's default
     (A Kaiming-uniform, B zero: both start as the base), from ``seed``."""
-    import warnings
+    from ..models.quiet import multiple_adapters
 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        with warnings.catch_warnings():  # two adapters on one module is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        with multiple_adapters():  # two adapters on one module is the point here
             for name in (WIN, LOSE):
                 add_adapter_named(module, pair_lora_config(rank, alpha, targets, dropout),
                                   name, targets)
@@ -306,7 +305,7 @@ def adapter_state(module, name: str) -> dict:
             for k, v in get_peft_model_state_dict(module, adapter_name=name).items()}
 
 
-def write_adapter_dir(directory, state: dict, lora_config) -> None:
+def write_adapter_dir(directory, state: dict, lora_config, extra=None) -> None:
     """A peft adapter dir as ``PeftModel.save_pretrained`` writes it (``adapter_config.json``
     + ``adapter_model.safetensors`` with ``base_model.model.`` keys), atomically, with
     the umask's modes (safetensors creates its file 0600, so the mode is set here)."""
@@ -318,10 +317,33 @@ def write_adapter_dir(directory, state: dict, lora_config) -> None:
         lora_config.save_pretrained(str(tmp))
         save_file({PEFT_PREFIX + k: v for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
+        if extra is not None:  # more files in the same folder (the diffusers LoRA file)
+            extra(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
             os.chmod(f, file_mode())
+
+
+def write_pair_adapters(out, denoiser, pipeline_cls, denoiser_name: str) -> None:
+    """``out/pos_lora_unet/`` and ``out/neg_lora_unet/`` from the two adapters on
+    ``denoiser``, each a peft folder (what the official scripts and ``train --pair lora``
+    read) that also holds the diffusers LoRA file ``pipe.load_lora_weights`` reads, at the
+    trained alpha. A non-finite weight writes nothing."""
+    from .export import write_lora
+
+    states = {name: adapter_state(denoiser, name) for name in (WIN, LOSE)}
+    for name in (WIN, LOSE):
+        bad = [k for k, v in states[name].items() if not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(f"loss: adapter weight {bad[0]} is NaN/inf; "
+                                     "nothing was written")
+    out = Path(out)
+    for name, d in ((LOSE, LOSE_DIR), (WIN, WIN_DIR)):
+        lcfg = denoiser.peft_config[name]
+        write_adapter_dir(out / d, states[name], lcfg,
+                          extra=lambda tmp, n=name, c=lcfg: write_lora(
+                              tmp, pipeline_cls, denoiser_name, states[n], c))
 
 
 # ====================================================================== trainer
@@ -689,14 +711,13 @@ class PairTrainer:
         cfg = self.config
         win, lose = self.out / WIN_DIR, self.out / LOSE_DIR
         if self.is_main:
-            lcfg = pair_lora_config(cfg.lora_rank, cfg.lora_alpha, self.targets, cfg.lora_dropout)
-            states = {name: adapter_state(self.denoiser, name) for name in (WIN, LOSE)}
-            for name, d in ((LOSE, lose), (WIN, win)):
-                bad = [k for k, v in states[name].items() if not torch.isfinite(v).all()]
-                if bad:
-                    raise NonFiniteLossError(f"loss: adapter weight {bad[0]} is NaN/inf; "
-                                             "nothing was written")
-                write_adapter_dir(d, states[name], lcfg)
+            from .export import model_card_hook, pipeline_class
+
+            write_pair_adapters(self.out, self.denoiser, pipeline_class(self.family),
+                                self.adapter.denoiser_name)
+            model_card_hook(self.out, {"kind": "pair", "family": self.family,
+                                       "base_model": cfg.model, "config": cfg.to_dict(),
+                                       "step": self.global_step})
         self.accelerator.wait_for_everyone()
         return str(win), str(lose)
 

@@ -106,7 +106,10 @@ def assemble_conditions(batch: dict, adapter, need_neg: bool, mixing_prompts, *,
     if need_neg and batch.get("neg_cond") is None:
         negs = batch["neg_prompt"]
         if any(n is None for n in negs):
-            raise ValueError("data: a pair has no neg_prompt, which this objective needs")
+            raise ValueError("data: a pair has no degraded prompt (neg_prompt), which DDSPO's "
+                             "reference pair (TF-CPP) needs: encode the data with "
+                             "`ddspo-fast encode --degrade random` (or structural), or train "
+                             "with --objective dpo (Diffusion-DPO needs none)")
         want("neg", negs)
     if mixing_prompts is not None:
         want("mix", mixing_prompts[0])

@@ -153,7 +153,8 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
     from ..models import detect_family
     from .randcond import load_prompt_pool
 
-    cfg = _config(config)
+    # The cache being built is no input of its own precompute (a run's YAML names it).
+    cfg = _config(config).replace(reference_cache=None)
     if not cfg.model:
         raise ValueError("model: required (a local diffusers pipeline directory or hub id)")
     if not cfg.data:
@@ -163,8 +164,7 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
                     ("pairs_per_shard", pairs_per_shard)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    dtype = dtype or rc.DEFAULT_DTYPE[cfg.mixed_precision]
-    if dtype not in rc.DTYPES:
+    if dtype is not None and dtype not in rc.DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(rc.DTYPES)}, got {dtype!r}")
     manual = process_index is not None or num_processes is not None
     if manual:
@@ -180,6 +180,10 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
         rank, world = state.process_index, state.num_processes
         device = torch.device(cfg.device) if cfg.device and world == 1 else state.device
         barrier = state.wait_for_everyone
+    # 'auto' is resolved for this device before anything is fingerprinted, as the trainer
+    # resolves it: a cache records the precision it was computed in.
+    cfg = cfg.replace(mixed_precision=cfg.resolved_mixed_precision(device.type))
+    dtype = dtype or rc.DEFAULT_DTYPE[cfg.mixed_precision]
     if cfg.mixed_precision == "fp16" and device.type != "cuda":
         raise ValueError(f"mixed_precision: 'fp16' needs a CUDA device (this run is on "
                          f"{device.type}); use 'bf16' or 'no'")

@@ -37,6 +37,7 @@ from . import outdir
 from .config import RUN_DEFINING, TrainConfig, as_config, resume_differences, weight_dtype
 from .draws import batch_ids
 from .errors import NonFiniteError, ResumeMismatchError
+from .export import model_card_hook, write_lora
 from .lora import (LOSE, POLICY, WIN, AdapterSwitch, add_policy_lora, find_pair_dirs,
                    load_named_adapter, policy_lora_state)
 from .metrics import MetricsAccumulator, MetricsWriter, json_safe, peak_memory
@@ -179,7 +180,9 @@ class Trainer:
         if cfg.reference_cache:  # refcache.py: the frozen networks' outputs, precomputed
             from .refcache import open_for_training
 
-            self.ref_cache = open_for_training(cfg, self.family, self.dataset,
+            # compared in the precision this run resolved ('auto' -> bf16 / no)
+            resolved = cfg.replace(mixed_precision=self.mixed_precision)
+            self.ref_cache = open_for_training(resolved, self.family, self.dataset,
                                                self.batches_per_epoch)
         self.need_text = needs_text_encoder(self.mode, mixing, self.dataset,
                                             policy_only=self.ref_cache is not None)
@@ -685,14 +688,21 @@ class Trainer:
             den = self.policy
             den = getattr(den, "_orig_mod", den)
             if cfg.lora_rank is not None:
+                # with the adapter's config as metadata: load_lora_weights applies the
+                # trained alpha (without it diffusers assumes alpha = rank)
                 lora = policy_lora_state(den)
-                outdir.publish_export(out, lambda tmp: self.adapter.save_lora(lora, str(tmp)))
+                outdir.publish_export(out, lambda tmp: write_lora(
+                    tmp, type(self.adapter.pipe), self.adapter.denoiser_name, lora,
+                    den.peft_config[POLICY]))
             else:
                 export = copy.deepcopy(den).to("cpu", torch.float32)
                 if cfg.gradient_checkpointing and hasattr(export, "disable_gradient_checkpointing"):
                     export.disable_gradient_checkpointing()
                 outdir.publish_export(out,
                                       lambda tmp: self.adapter.save_pipeline(export, str(tmp)))
+            model_card_hook(out, {"kind": "pipeline" if cfg.lora_rank is None else "lora",
+                                  "family": self.family, "base_model": cfg.model,
+                                  "config": cfg.to_dict(), "step": self.global_step})
         acc.wait_for_everyone()
         return out
 
