@@ -274,3 +274,32 @@ def test_fid_of_each_model_against_a_reference_folder(assets, tmp_path):
     assert f["base"] == pytest.approx(direct.score_set(with_images("base")), rel=1e-6)
     assert f["diff"] == pytest.approx(f["run"] - f["base"]) and f["reference_images"] == 5
     assert "FID (lower is better" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_a_checkpoint_samples_as_its_export(assets, tmp_path):
+    """A checkpoint (and a run holding only checkpoints) is evaluated through its export:
+    the pipeline it loads has the same LoRA denoiser as the finished run of that step."""
+    from _train_helpers import config, tiny_data
+
+    from ddspo_fast.evaluation.sources import load_pipeline, resolve
+    from ddspo_fast.train import Trainer
+
+    base = assets[0]
+    run = tmp_path / "run"
+    Trainer(config("sd15", run, model=base, data=tiny_data("sd15"), max_steps=2, lora_rank=4,
+                   lora_alpha=8, checkpoint_every=2, save_final=True, learning_rate=1e-2)).train()
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    assert resolve(ckpt).kind == "checkpoint"
+    finished, from_ckpt = load_pipeline(str(run), "cpu"), load_pipeline(str(ckpt), "cpu")
+    unet = finished.unet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                    generator=g)
+    c = torch.randn(1, 4, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        want = finished.unet(x, t, c).sample
+        got = from_ckpt.unet(x, t, c).sample
+        plain = load_pipeline(base, "cpu").unet(x, t, c).sample
+    assert not torch.allclose(want, plain, atol=1e-6)  # the LoRA changed the denoiser
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -87,14 +87,30 @@ def resolve(path, base_model=None, arg: str = "pipeline_or_dir") -> ModelSource:
                      "checkpoint or an export)")
 
 
-def materialise(source: ModelSource, arg: str = "pipeline_or_dir") -> ModelSource:
-    """A ``pipeline`` or ``lora`` source for ``source``: checkpoints and pair adapters go
-    through their export (``ddspo-fast export``)."""
+def materialise(source: ModelSource, arg: str = "pipeline_or_dir", scratch=None) -> ModelSource:
+    """A ``pipeline`` or ``lora`` source for ``source``. A checkpoint (or a run holding only
+    checkpoints) is exported into ``scratch`` first, as ``ddspo-fast export`` writes it;
+    DD-CPP pair adapters are sampled through the winning adapter (``pos_lora_unet``, a
+    diffusers LoRA file with its alpha) on their base."""
     if source.kind in ("pipeline", "lora"):
         return source
-    what = "a training checkpoint" if source.kind == "checkpoint" else "DD-CPP pair adapters"
-    raise ValueError(f"{arg}: {source.path} holds {what}; export it first "
-                     f"(ddspo-fast export {source.path} --out DIR) and evaluate DIR")
+    if source.kind == "pair-adapters":
+        pos = source.path / PAIR_DIRS[0]
+        if not (pos / LORA_WEIGHTS).is_file():
+            raise ValueError(f"{arg}: {pos} has no {LORA_WEIGHTS} (pair adapters written before "
+                             "ddspo_fast wrote that file): export the run's checkpoint instead")
+        return ModelSource("lora", pos, _base_of(source.path, source.base, arg, "DD-CPP pair adapters"))
+    if scratch is None:
+        raise ValueError(f"{arg}: {source.path} holds a training checkpoint; export it first "
+                         f"(ddspo-fast export {source.path} --out DIR) and evaluate DIR")
+    from ..train.export import export
+
+    info = export(source.path, Path(scratch) / "export", overwrite=True, model=source.base)
+    if info["kind"] == "pair":
+        return materialise(ModelSource("pair-adapters", Path(info["out"]), info["base_model"]), arg)
+    if info["kind"] == "lora":
+        return ModelSource("lora", Path(info["out"]), info["base_model"])
+    return ModelSource("pipeline", Path(info["out"]))
 
 
 def family_of(source: ModelSource) -> str | None:
@@ -127,25 +143,36 @@ def load_pipeline(pipeline_or_dir, device, base_model=None, dtype=None,
     """A diffusers pipeline on ``device`` for a pipeline object or any path ``resolve``
     knows (loaded in ``dtype``, not cast afterwards)."""
     if isinstance(pipeline_or_dir, (str, os.PathLike)):
-        src = materialise(resolve(pipeline_or_dir, base_model, arg), arg)
-        import torch
+        import tempfile
 
-        want = dtype_of(dtype, device)
-        kw = {} if want == torch.float32 else {"torch_dtype": want}  # fp32 is the default
-        if src.kind == "pipeline":
-            pipe = _from_pretrained(src.path.as_posix(), arg, **kw)
-        else:
-            pipe = _from_pretrained(src.base, "base_model", **kw)
-            try:
-                pipe.load_lora_weights(str(src.path))
-            except (OSError, ValueError, KeyError) as e:
-                raise ValueError(f"{arg}: the LoRA in {src.path} does not load into "
-                                 f"{src.base} ({type(e).__name__}: {e})") from e
-    elif hasattr(pipeline_or_dir, "components") and callable(pipeline_or_dir):
+        with tempfile.TemporaryDirectory(prefix="ddspo-fast-export-") as scratch:
+            # the exported weights are read into memory before the folder goes
+            return _load_path(pipeline_or_dir, device, base_model, dtype, arg, scratch)
+    if hasattr(pipeline_or_dir, "components") and callable(pipeline_or_dir):
         pipe = pipeline_or_dir
     else:
         raise ValueError(f"{arg}: expected a diffusers pipeline or a directory, got "
                          f"{type(pipeline_or_dir).__name__}")
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_path(pipeline_or_dir, device, base_model, dtype, arg, scratch):
+    import torch
+
+    src = materialise(resolve(pipeline_or_dir, base_model, arg), arg, scratch)
+    want = dtype_of(dtype, device)
+    kw = {} if want == torch.float32 else {"torch_dtype": want}  # fp32 is the default
+    if src.kind == "pipeline":
+        pipe = _from_pretrained(src.path.as_posix(), arg, **kw)
+    else:
+        pipe = _from_pretrained(src.base, "base_model", **kw)
+        try:
+            pipe.load_lora_weights(str(src.path))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{arg}: the LoRA in {src.path} does not load into "
+                             f"{src.base} ({type(e).__name__}: {e})") from e
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

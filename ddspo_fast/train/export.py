@@ -58,13 +58,18 @@ def write_lora(out_dir, pipeline_cls, denoiser_name: str, state: Mapping[str, to
 
 
 def model_card_hook(out_dir, info: dict) -> None:
-    """Where a model card for ``out_dir`` is written, once the model-card module exists.
+    """Write the model card (README.md with the Hub's metadata, ``train/model_card.py``)
+    beside weights just written: after every final export and every ``export``. ``info``
+    holds ``kind`` ('lora' | 'pipeline' | 'pair'), ``family``, ``base_model``, ``config``
+    (the run's settings, a dict) and ``step``. A card someone else wrote is kept."""
+    from .model_card import CARD, is_ours, write_model_card
 
-    Called after every final export and every ``export`` with what is known of the
-    weights: ``info`` holds ``kind`` ('lora' | 'pipeline' | 'pair'), ``family``,
-    ``base_model``, ``config`` (the run's settings, a dict) and ``step``. Does nothing yet.
-    """
-    return None
+    card = Path(out_dir) / CARD
+    if card.is_file() and not is_ours(card.read_text(encoding="utf-8", errors="replace")):
+        return
+    cfg = info.get("config") or {}
+    write_model_card(out_dir, base_model=str(info.get("base_model") or cfg.get("model")),
+                     train_config=cfg, tags=[t for t in (info.get("family"),) if t])
 
 
 # ---------------------------------------------------------------------- reading sources
