@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _cli_helpers import assert_one_line_error
+from _tolerance import assert_adam_runs_agree
 from _train_helpers import Killed, config, die_mid_step, tiny_data, tiny_model
 
 from ddspo_fast import cli
@@ -238,9 +239,10 @@ def test_resume_gives_the_same_adapters_as_an_uninterrupted_run(tmp_path):
     assert resumed.train()["steps"] == 4
     for d in (WIN_DIR, LOSE_DIR):
         want, got = saved_adapter(tmp_path / "a" / d), saved_adapter(tmp_path / "b" / d)
-        assert want.keys() == got.keys()
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+        # Not bit-equal by guarantee (BLAS rounding may follow buffer alignment): AdamW's
+        # bound over the 2 steps after the checkpoint (tests/_tolerance.py).
+        assert_adam_runs_agree(got, want, [full.config.learning_rate] * 2,
+                               first_step=3)
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
