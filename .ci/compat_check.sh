@@ -121,7 +121,21 @@ cmake_build() {
     PATH=$VENV/bin:$PATH CUDA_HOME=$home cmake -S "$COMPAT_DIR/src" -B "$COMPAT_DIR/cmake" \
         -DPython3_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Release
     cmake --build "$COMPAT_DIR/cmake" -j "${MAX_JOBS:-2}"
-    ls "$COMPAT_DIR"/cmake/_C*.so
+    local so
+    so=$(ls "$COMPAT_DIR"/cmake/_C*.so)
+    # It loads into the CUDA torch and computes the loss (the CPU kernels).
+    (cd "$COMPAT_DIR" && PYTHONPATH="$COMPAT_DIR/src" "$PY" - "$so" <<'EOF'
+import sys, torch
+import ddspo_fast.loss._ops, ddspo_fast.loss.eager as ref
+torch.ops.load_library(sys.argv[1])
+m = torch.randn(4, 300)
+tw, tl, rw, rl = (torch.randn(2, 300) for _ in range(4))
+loss = torch.ops.ddspo_fast.cpu_fwd(m, tw, tl, rw, rl, None, 1000.0)[0]
+want = ref.loss_rows(m, tw, tl, rw, rl, None, 1000.0).loss
+assert abs(loss.item() - want.item()) <= 1e-4 * max(1.0, abs(want.item())), (loss, want)
+print("CMake-built extension runs:", sys.argv[1])
+EOF
+    )
 }
 
 run_suite() {
