@@ -140,8 +140,9 @@ EOF
 
 run_suite() {
     cd "$COMPAT_DIR/src"
+    # CUDA_HOME for the CMake test: a CUDA torch's cmake needs the toolkit.
     # shellcheck disable=SC2086
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m pytest -q -p no:cacheprovider $COMPAT_PYTEST_ARGS
+    CUDA_HOME=${CUDA_HOME:-$(toolkit_of_nvcc)} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m pytest -q -p no:cacheprovider $COMPAT_PYTEST_ARGS
 }
 
 # Stages to run: all by default, or those named (COMPAT_STAGES="install copy").
