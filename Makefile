@@ -54,3 +54,19 @@ bench-step: env
 
 gpu-check:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
+
+# Compatibility checks beyond `make test` (not part of it):
+#   make test-cpus      the suite under each CPU code path torch may take on some machine:
+#                       ATEN_CPU_CAPABILITY=default, avx2, avx512 (where this CPU has it),
+#                       then oneDNN and MKL limited to AVX2 (.ci/test_cpus.sh)
+#   make compat-check   a venv with the GPU machine's versions (torch 2.11.0 for CUDA 13.0,
+#                       triton 3.6.0, transformers 5.17.0, accelerate 1.15.0), the default
+#                       build with nvcc, the CMake build, the whole suite; downloads several
+#                       GB (.ci/compat_check.sh; README "GPU check")
+.PHONY: test-cpus compat-check
+
+test-cpus: env
+	PY=$(PY) bash .ci/test_cpus.sh $(PYTEST_ARGS)
+
+compat-check:
+	bash .ci/compat_check.sh

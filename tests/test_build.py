@@ -47,6 +47,20 @@ def test_cmake_builds_an_extension_that_runs(tmp_path):
     assert out.stdout.strip().endswith("ok")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+def test_cmake_configures_when_torch_finds_python_first(tmp_path):
+    """A CUDA torch's cmake calls find_package(Python COMPONENTS Interpreter); pybind11 then
+    uses FindPython's results and needs python_add_library (Development.Module). Played
+    here by running that call right after project(), as a CUDA torch would before us."""
+    inject = tmp_path / "torch_cuda_like.cmake"
+    inject.write_text("find_package(Python COMPONENTS Interpreter)\n")
+    res = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path / "build"),
+                          f"-DPython_EXECUTABLE={sys.executable}",
+                          f"-DCMAKE_PROJECT_INCLUDE={inject}"], capture_output=True, text=True)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+
+
 # ------------------------------------------------------------------ GPU targets of a build
 
 from ddspo_fast.loss import cuda_arch  # noqa: E402

@@ -7,7 +7,11 @@
   16-byte stores in the backward, and every 16-byte load of a step issued before the
   step's first FMA (forward) or store (backward);
 * csrc/cuda_ops.cpp passes a host-compiler syntax check against the installed torch's
-  headers and the CUDA toolkit's, so the torch side is checked too before a CUDA build.
+  headers and the CUDA toolkit's, so the torch side is checked too before a CUDA build;
+* setup.py, run as pip runs it with a torch that says it has CUDA, gives nvcc no -D value
+  with a comma (nvcc splits those), falls back to the CPU extension with one warning on
+  an unusable toolkit in auto mode and stops with one line under DDSPO_FAST_CUDA=1, and
+  its default CUDA build compiles (compile-only, no GPU) through torch's BuildExtension.
 Each skips with the reason when the tool it needs is missing.
 """
 from __future__ import annotations
@@ -184,3 +188,143 @@ def test_cuda_ops_cpp_syntax(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     errors = [ln for ln in res.stderr.splitlines() if "error" in ln]
     assert res.returncode == 0, "\n".join(errors[:20]) or res.stderr[-4000:]
+
+
+# ------------------------------------------------- setup.py's own flags, with a CUDA torch
+
+# Runs setup.py as pip would, in a child process whose (CPU) torch is told it has CUDA and
+# whose CUDA_HOME is the test's: "capture" prints the extension setup.py asks for;
+# "build" runs build_ext with linking switched off (a compile-only CUDA build: the CPU
+# torch has no CUDA libraries to link against).
+_DRIVER = r'''
+import json, os, runpy, sys
+import torch
+import torch.utils.cpp_extension as ce
+torch.version.cuda = os.environ["FAKE_TORCH_CUDA"]
+ce.CUDA_HOME = os.environ["CUDA_HOME"]
+mode, root = sys.argv[1], sys.argv[2]
+os.chdir(root)
+if mode == "capture":
+    import setuptools
+    seen = {}
+    setuptools.setup = lambda **kw: seen.update(kw)
+    sys.argv = ["setup.py", "build_ext"]
+    runpy.run_path("setup.py", run_name="__main__")
+    ext = seen["ext_modules"][0]
+    print(json.dumps({"macros": ext.define_macros, "args": ext.extra_compile_args,
+                      "sources": ext.sources}))
+else:
+    stub = os.environ.get("STUB_INCLUDE")
+    if stub:  # c10/cuda/impl/cuda_cmake_macros.h, which a CPU torch lacks
+        paths = ce.include_paths
+        ce.include_paths = lambda *a, **k: paths(*a, **k) + [stub]
+    import setuptools  # noqa: F401  (its distutils)
+    from distutils.unixccompiler import UnixCCompiler
+    UnixCCompiler.link = lambda self, *a, **k: None
+    sys.argv = ["setup.py", "build_ext", "--build-temp", sys.argv[3], "--build-lib", sys.argv[4]]
+    runpy.run_path("setup.py", run_name="__main__")
+'''
+
+
+def _run_setup(tmp_path, mode, cuda_home, *args, env=None, torch_cuda="13.0"):
+    import sys
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    e = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "DDSPO_FAST_CUDA",
+                                                          "DDSPO_FAST_NO_EXT", "CUDA_PATH")}
+    e.update(FAKE_TORCH_CUDA=torch_cuda, CUDA_HOME=str(cuda_home), **(env or {}))
+    return subprocess.run([sys.executable, str(driver), mode, *map(str, args)],
+                          capture_output=True, text=True, env=e, timeout=1200)
+
+
+def _fake_toolkit(tmp_path, complete=True):
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\nexit 1\n")
+    if complete:
+        (home / "include").mkdir()
+        (home / "include" / "cuda_runtime.h").write_text("")
+    return home
+
+
+def _defines(flags):
+    return [f for f in flags if f.startswith("-D")]
+
+
+def test_nvcc_gets_no_comma_inside_a_define(tmp_path):
+    """BuildExtension passes define_macros to nvcc too, which splits a -D value on commas:
+    the arch list (sm_80,sm_90,compute_90) must reach the C++ compiler only."""
+    import json
+    res = _run_setup(tmp_path, "capture", _fake_toolkit(tmp_path), ROOT,
+                     env={"DDSPO_FAST_CUDA": "1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    ext = json.loads(res.stdout.strip().splitlines()[-1])
+    assert any(s.endswith(".cu") for s in ext["sources"])
+    to_nvcc = [f"-D{n}={v}" for n, v in ext["macros"]] + _defines(ext["args"]["nvcc"])
+    assert not [d for d in to_nvcc if "," in d], to_nvcc
+    assert "-DDDSPO_CUDA_ARCHS=sm_80,sm_90,compute_90" in ext["args"]["cxx"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "1"])
+def test_unusable_toolkit(tmp_path, mode):
+    """A CUDA torch whose CUDA_HOME lacks cuda_runtime.h (torch guessed it from a wrapper
+    nvcc): auto builds the CPU extension with one warning saying why and what to set;
+    DDSPO_FAST_CUDA=1 stops with one line naming CUDA_HOME."""
+    import json
+    home = _fake_toolkit(tmp_path, complete=False)
+    res = _run_setup(tmp_path, "capture", home, ROOT, env={"DDSPO_FAST_CUDA": mode})
+    if mode == "auto":
+        assert res.returncode == 0, res.stderr[-4000:]
+        ext = json.loads(res.stdout.strip().splitlines()[-1])
+        assert not any(s.endswith(".cu") or "cuda_" in s for s in ext["sources"])
+        warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("ddspo_fast:")]
+        assert len(warnings) == 1, res.stderr
+        assert "CPU extension only" in warnings[0] and f"CUDA_HOME={home}" in warnings[0]
+        assert "include/cuda_runtime.h" in warnings[0] and "set CUDA_HOME" in warnings[0]
+    else:
+        assert res.returncode != 0
+        # torch may log its own line first (a CUDA torch without a GPU does); ours is one
+        # line, the last, and no traceback.
+        lines = res.stderr.strip().splitlines()
+        ours = [ln for ln in lines if "DDSPO_FAST_CUDA" in ln or "ddspo_fast" in ln]
+        assert ours == lines[-1:], res.stderr
+        assert ours[0].startswith("DDSPO_FAST_CUDA=1 but") and "CUDA_HOME" in ours[0]
+        assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_cuda_build_compiles_through_setup_py(tmp_path):
+    """The default CUDA build (TORCH_CUDA_ARCH_LIST unset: 8.0;9.0+PTX), compile-only,
+    with setup.py's own flag assembly and torch's BuildExtension driving nvcc: the
+    kernels and csrc/cuda_ops.cpp compile; no -D value given to nvcc has a comma."""
+    cuda_home = os.path.dirname(_cuda_include() or "")
+    if not cuda_home:
+        pytest.skip("CUDA toolkit headers (cuda_runtime_api.h) not found")
+    version = re.search(r"release (\d+\.\d+)", subprocess.run(
+        [NVCC, "--version"], capture_output=True, text=True).stdout)
+    assert version, "nvcc --version names no release"
+    # A copy holding only the CUDA sources: the CPU ones are compiled by every other build.
+    src = tmp_path / "src"
+    for rel in ["setup.py", "csrc/cuda_ops.cpp", "ddspo_fast/loss/cuda_arch.py",
+                *[os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "kernels", "*"))]]:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(ROOT, rel), src / rel)
+    stub = tmp_path / "stub"
+    (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    temp = tmp_path / "temp"
+    res = _run_setup(tmp_path, "build", cuda_home, src, temp, tmp_path / "lib",
+                     env={"STUB_INCLUDE": str(stub), "MAX_JOBS": "2"},
+                     torch_cuda=version.group(1))
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    objects = [os.path.basename(p) for p in glob.glob(str(temp / "**" / "*.o"), recursive=True)]
+    assert sorted(objects) == ["cuda_ops.o", "ddspo_loss.o"], objects
+    ninja = (temp / "build.ninja").read_text()
+    cuda_cflags = next(ln for ln in ninja.splitlines() if ln.startswith("cuda_cflags"))
+    assert not [d for d in cuda_cflags.split() if d.startswith("-D") and "," in d], cuda_cflags
+    for g in ("arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90",
+              "arch=compute_90,code=compute_90"):
+        assert g in ninja, g
+    cxx_lines = [ln for ln in ninja.splitlines() if ln.startswith(("cflags", "post_cflags"))]
+    assert any("-DDDSPO_CUDA_ARCHS=sm_80,sm_90,compute_90" in ln for ln in cxx_lines), cxx_lines

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _tolerance import assert_adam_runs_agree, forward_rel
 from _train_helpers import DENOISERS, config, count_rows, tiny_data, tiny_model
 
 from ddspo_fast.train import Trainer
@@ -166,13 +167,21 @@ def test_cached_run_equals_live_run(case, tmp_path):
     # policy only: one call per step on 2 rows per pair-draw
     assert calls == [2 * RUN["batch_size"] * RUN["timesteps_per_pair"]] * RUN["max_steps"]
 
-    # Measured on the CI CPU: losses within 4e-6 relative, r within 3e-5 (r ~ 1e-5 here).
-    assert got == pytest.approx(want, rel=1e-4, abs=1e-8)
+    # The two runs differ only in how the reference's forward was batched (precompute vs
+    # live), so in fp32 rounding: a forward of the tiny models (sd15: 83 layers, longest
+    # accumulation 576 terms; SANA smaller) is within forward_rel = sqrt(83*576)*2^-24 =
+    # 1.3e-5 relative of another batching of it; losses and reference MSEs are held to
+    # 1e-4 relative, several times that over the 3 steps, while a wrong draw, target or
+    # cache row moves them by O(1). The weights: AdamW's bound (tests/_tolerance.py).
+    rel = 1e-4
+    assert rel >= 5 * forward_rel(83, 576)
+    assert got == pytest.approx(want, rel=rel, abs=1e-8)
     for r1, r2 in zip(got_ref, want_ref):
-        torch.testing.assert_close(r1, r2, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(r1, r2, rtol=rel, atol=1e-8)
     got_w = dict(cached.policy.named_parameters())
     assert all(got_w[n].requires_grad for n in want_w)
-    assert max((got_w[n].detach() - w).abs().max().item() for n, w in want_w.items()) < 1e-5
+    assert_adam_runs_agree({n: got_w[n] for n in want_w}, want_w,
+                           [RUN["learning_rate"]] * RUN["max_steps"])
     if mixing:  # both kinds of rows were seen: mixed ones take the cached TF-CPP targets
         a = cached.adapter
         d = make_draws(a, cached.dataset.ids(), [list(range(DRAWS))] * 4, (4, 8, 8),

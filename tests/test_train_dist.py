@@ -55,6 +55,8 @@ def test_two_process_ddp_ranks_agree(tmp_path):
     assert a["world"] == b["world"] == 2 and a["steps"] == b["steps"] == 2
     assert len(a["ids"]) == len(b["ids"]) == 4 and not set(a["ids"]) & set(b["ids"])
     assert a["weights"].keys() == b["weights"].keys()
+    # Bit-equal by construction: both ranks apply the same all-reduced gradient with the
+    # same optimizer ops on the same CPU.
     for n in a["weights"]:
         torch.testing.assert_close(a["weights"][n], b["weights"][n], rtol=0, atol=0)
     # the weights moved, and the main process saved a checkpoint and the LoRA weights

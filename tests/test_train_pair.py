@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _cli_helpers import assert_one_line_error
+from _tolerance import assert_adam_runs_agree
 from _train_helpers import Killed, config, die_mid_step, tiny_data, tiny_model
 
 from ddspo_fast import cli
@@ -86,6 +87,9 @@ def test_split_forward_equals_one_adapter_per_half(family):
             halves.append(a.predict(den, x[rows], t[rows], {k: v[rows] for k, v in cond.items()}))
     separate = torch.cat(halves)
     separate.square().mean().backward()
+    # One forward on 2n rows vs two on n: the same math batched differently, equal up to
+    # fp32 rounding, about forward_rel(83, 576) = 1.3e-5 relative for the tiny UNet
+    # (tests/_tolerance.py); the gradients, one backward more, get 10x that again.
     torch.testing.assert_close(stacked, separate, rtol=1e-4, atol=1e-5)
     for k, p in lora.items():
         torch.testing.assert_close(got[k], p.grad, rtol=1e-3, atol=1e-6)
@@ -215,6 +219,7 @@ def test_cli_train_pair_then_dd_cpp_training(tmp_path, capsys):
     official = PeftModel.from_pretrained(base, str(out / WIN_DIR)).eval()
     with torch.no_grad():
         theirs = official(inp.x_w, inp.t, inp.cond["prompt_embeds"]).sample
+    # The same weights run by peft and by us: equal up to forward rounding (as above).
     torch.testing.assert_close(theirs, w, rtol=1e-4, atol=1e-5)
 
 
@@ -238,9 +243,10 @@ def test_resume_gives_the_same_adapters_as_an_uninterrupted_run(tmp_path):
     assert resumed.train()["steps"] == 4
     for d in (WIN_DIR, LOSE_DIR):
         want, got = saved_adapter(tmp_path / "a" / d), saved_adapter(tmp_path / "b" / d)
-        assert want.keys() == got.keys()
-        for k in want:
-            assert torch.equal(got[k], want[k]), k  # bit-identical
+        # Not bit-equal by guarantee (BLAS rounding may follow buffer alignment): AdamW's
+        # bound over the 2 steps after the checkpoint (tests/_tolerance.py).
+        assert_adam_runs_agree(got, want, [full.config.learning_rate] * 2,
+                               first_step=3)
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 

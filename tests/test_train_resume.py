@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from _tolerance import assert_adam_runs_agree
 from _train_helpers import Killed, config, die_mid_step, tiny_data
 
 from ddspo_fast.train import Trainer
@@ -57,9 +58,11 @@ def test_resume_latest_equals_uninterrupted(tmp_path):
     assert resumed.global_step == 2 and resumed.micro_step == 4  # 4 of 6 batches: mid-epoch
     summary = resumed.train()
     assert summary["steps"] == 4
-    got = _weights(resumed)
-    for n in want:
-        assert torch.equal(got[n], want[n]), n  # bit-identical
+    # Same ops on the same inputs, but not bit-equal by guarantee: the resumed run's
+    # buffers lie elsewhere and BLAS may round differently by alignment. Steps 3 and 4
+    # after the checkpoint: AdamW's bound (tests/_tolerance.py) at the peak rate.
+    assert_adam_runs_agree(_weights(resumed), want, [full.config.learning_rate] * 2,
+                           first_step=3)
     # metrics were logged once per step, without duplicates from the killed run
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl")
              .read_text().splitlines()]
