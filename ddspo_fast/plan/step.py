@@ -123,7 +123,13 @@ def build(setup: StepSetup, make, weights_dir: Optional[str] = None):
         ref.eval()
     set_dtypes(den, setup, make)
     if setup.checkpointing:
-        den.enable_gradient_checkpointing()
+        # diffusers' own checkpointing, without saving the CPU RNG state per block: on a
+        # GPU that state is host memory, and a CPU check must not count it either.
+        import functools
+
+        import torch.utils.checkpoint as ckpt
+        den.enable_gradient_checkpointing(functools.partial(
+            ckpt.checkpoint, use_reentrant=False, preserve_rng_state=False))
     den.train()
     return den, ref
 

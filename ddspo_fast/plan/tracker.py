@@ -31,6 +31,16 @@ CATEGORIES = ("weights", "autocast", "grads", "saved", "transient")
 _CAST_OPS = {torch.ops.aten._to_copy.default}
 
 
+_ALIAS: dict = {}
+
+
+def _aliases(func) -> bool:
+    hit = _ALIAS.get(func)
+    if hit is None:
+        hit = _ALIAS[func] = any(r.alias_info is not None for r in func._schema.returns)
+    return hit
+
+
 class MemoryTracker(TorchDispatchMode):
     def __init__(self, granule: int = 512):
         super().__init__()
@@ -120,6 +130,8 @@ class MemoryTracker(TorchDispatchMode):
         formula = _FLOPS.get(func._overloadpacket)
         if formula is not None:
             self.flops[self.phase] = self.flops.get(self.phase, 0) + formula(*args, **kwargs, out_val=out)
+        if _aliases(func):
+            return out  # a view or an in-place result: the storage of an input
         category = "transient"
         if func in _CAST_OPS and args and isinstance(args[0], torch.Tensor):
             rec = self.live.get(args[0].untyped_storage()._cdata)
