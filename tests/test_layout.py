@@ -20,8 +20,9 @@ ALLOWED = {
     "evaluate": {"models", "data", "train"},
     "testing": {"models", "data"},
     "bench": {"loss", "models", "data", "train", "testing"},
+    "plan": {"loss", "models", "data", "train", "testing", "bench"},
     "demo": {"loss", "models", "data", "train", "testing", "evaluate"},
-    "cli": {"loss", "models", "data", "train", "testing", "evaluate", "bench", "demo"},
+    "cli": {"loss", "models", "data", "train", "testing", "evaluate", "bench", "plan", "demo"},
 }
 ALWAYS = {"_version", "fsio"}
 

@@ -33,9 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "inference (text encoders, denoiser with CFG, VAE decode)")
     p.add_argument("--batch", type=positive_int("--batch"), help="pairs per step (rows with "
                    "--mode sft; images per pipeline call for prepare / evaluate); default 1")
-    p.add_argument("--mode", choices=("ddspo", "dpo", "sft"), help="ddspo (default): policy on "
-                   "2 rows and the reference on 3 rows per pair; dpo: 2 and 2; sft: plain "
-                   "fine-tuning, one row per sample, no reference")
+    p.add_argument("--mode", choices=("ddspo", "ddspo-official", "dpo", "sft"),
+                   help="ddspo (default): policy on 2 rows and the reference on 3 rows per "
+                   "pair; ddspo-official: the official trainer's two reference calls of 2 "
+                   "rows; dpo: 2 and 2; sft: plain fine-tuning, one row per sample, no reference")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--full", action="store_true", help="full fine-tune (the default)")
     g.add_argument("--lora-rank", type=positive_int("--lora-rank"), help="train a LoRA of this rank")
@@ -49,8 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw (fused)")
     p.add_argument("--reference-cache", action="store_true", help="the frozen reference's "
                    "outputs come from a precomputed cache (ddspo-fast precompute)")
-    p.add_argument("--reference-first", action="store_true", help="run the reference before "
-                   "the policy forward")
+    p.add_argument("--reference-first", choices=("yes", "no"), help="run the reference "
+                   "before the policy forward (default: as ddspo_fast's trainer, yes for "
+                   "DDSPO, no otherwise)")
     p.add_argument("--ema", choices=("fp32", "bf16"), help="keep an EMA copy of the trained weights")
     p.add_argument("--text-encoders", choices=_DT, help="text encoders resident on the GPU in "
                    "this dtype (train default none: embeddings are precomputed)")
@@ -88,7 +90,7 @@ def _options(args, cfg):
     if args.reference_cache:
         changes["reference"] = "cached"
     if args.reference_first:
-        changes["reference_first"] = True
+        changes["reference_first"] = args.reference_first == "yes"
     for name in ("text_encoders", "vae"):
         v = getattr(args, name)
         if v is not None:

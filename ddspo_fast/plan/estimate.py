@@ -37,7 +37,7 @@ class PlanOptions:
     height: Optional[int] = None
     width: Optional[int] = None
     text_tokens: Optional[int] = None
-    reference_first: bool = False
+    reference_first: Optional[bool] = None   # None: as ddspo_fast's trainer (DDSPO: yes)
 
     def check(self) -> None:
         if self.batch < 1:
@@ -63,6 +63,12 @@ class PlanOptions:
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank: expected >= 1, got {self.lora_rank}")
 
+    def ref_first(self) -> bool:
+        """ddspo_fast's trainer runs the reference first for DDSPO (train/pairs.py)."""
+        if self.reference_first is None:
+            return self.mode == "ddspo"
+        return bool(self.reference_first)
+
     def kernel(self) -> str:
         """What SDPA would run: flash for 16-bit activations; fp32 runs the
         memory-efficient kernel (flash has no fp32), which stores the same."""
@@ -83,17 +89,20 @@ def step_setup(arch: Arch, opts: PlanOptions, *, granule: int = 512, gpu_rules: 
         cond={k: [list(s), d] for k, (s, d) in a.cond.items()}, pairs=opts.batch, mode=opts.mode,
         reference=opts.reference, lora_rank=opts.lora_rank, lora_targets=list(a.lora_targets()),
         precision=opts.precision, frozen_dtype=frozen, checkpointing=opts.checkpointing,
-        attention=opts.kernel(), reference_first=opts.reference_first, granule=granule,
+        attention=opts.kernel(), reference_first=opts.ref_first(), granule=granule,
         gpu_rules=gpu_rules)
 
 
-def run_worker(setup: StepSetup, timeout: float = 600) -> dict:
-    """The traced step, in a fresh process (the GPU rules are process-wide)."""
+def run_worker(setup, timeout: float = 600):
+    """The traced step, in a fresh process (the GPU rules are process-wide); a list of
+    setups is traced in one process and gives a list."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", "ddspo_fast.plan.worker"],
-                          input=json.dumps(asdict(setup)), capture_output=True, text=True,
+                          input=json.dumps([asdict(x) for x in setup] if isinstance(setup, list)
+                                           else asdict(setup)),
+                          capture_output=True, text=True,
                           timeout=timeout, env=env)
     if proc.returncode != 0:
         tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
@@ -210,6 +219,18 @@ def combine(arch: Arch, opts: PlanOptions, traced: dict) -> Estimate:
     phases["optimizer step"] = step
     ordered = {k: phases[k] for k in PHASES if k in phases}
     return Estimate(arch, opts, traced, extras, ordered)
+
+
+def estimate_steps(arch, options: list) -> list:
+    """``estimate_step`` for several option sets of one architecture, in one process."""
+    from .archs import _from_spec
+
+    if not isinstance(arch, Arch):
+        arch = _from_spec(arch, f"spec {getattr(arch, 'family', '?')}")
+    for o in options:
+        o.check()
+    traced = run_worker([step_setup(arch, o) for o in options], timeout=600 * len(options))
+    return [combine(arch, o, t) for o, t in zip(options, traced)]
 
 
 def estimate_step(arch: Arch, opts: Optional[PlanOptions] = None, **kw) -> Estimate:

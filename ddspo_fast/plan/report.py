@@ -16,7 +16,8 @@ def _g(b: float) -> str:
 
 def describe(est: Estimate) -> str:
     o = est.options
-    what = {"ddspo": "DDSPO (TF-CPP)", "dpo": "Diffusion-DPO", "sft": "plain fine-tuning"}[o.mode]
+    what = {"ddspo": "DDSPO (TF-CPP)", "ddspo-official": "DDSPO as the official trainer runs "
+            "it (two reference calls of 2 rows per pair)", "dpo": "Diffusion-DPO", "sft": "plain fine-tuning"}[o.mode]
     rows = "rows" if o.mode == "sft" else "pairs"
     train = f"LoRA rank {o.lora_rank}" if o.lora_rank else "full fine-tune"
     prec = {"fp32": "fp32", "bf16": "bf16 autocast over fp32 weights",
@@ -29,7 +30,7 @@ def describe(est: Estimate) -> str:
              f"attention {o.kernel()}", f"optimizer {o.optimizer}",
              "gradient checkpointing" if o.checkpointing else "no checkpointing",
              "reference cache" if o.reference == "cached" and o.mode != "sft" else None,
-             "reference before policy" if o.reference_first else None,
+             "reference before policy" if o.ref_first() and o.reference == "live" and o.mode != "sft" else None,
              f"EMA {o.ema}" if o.ema else None,
              f"text encoders resident ({o.text_encoders})" if o.text_encoders else None,
              f"VAE resident ({o.vae})" if o.vae else None]

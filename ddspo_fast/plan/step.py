@@ -24,7 +24,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure", "fp16-pure")
-MODES = ("ddspo", "dpo", "sft")
+# ddspo: TF-CPP as ddspo_fast runs it (one reference call on 3 rows per pair);
+# ddspo-official: as the official DDSPO trainer runs it (two reference calls of 2 rows);
+# dpo: Diffusion-DPO (reference on 2 rows); sft: plain fine-tuning, no reference.
+MODES = ("ddspo", "ddspo-official", "dpo", "sft")
 
 
 @dataclass
@@ -63,9 +66,13 @@ class StepSetup:
         return self.pairs if self.mode == "sft" else 2 * self.pairs
 
     def reference_rows(self) -> int:
+        """Rows of one reference call."""
         if self.mode == "sft" or self.reference == "cached":
             return 0
         return 3 * self.pairs if self.mode == "ddspo" else 2 * self.pairs
+
+    def reference_calls(self) -> int:
+        return 2 if self.mode == "ddspo-official" else 1
 
 
 # ------------------------------------------------------------------ model
@@ -225,15 +232,19 @@ def run_step(den, ref, setup: StepSetup, make_input, tracker=None) -> None:
                 return call(ref, setup, x[:ref_rows], t[:ref_rows],
                             {k: v[:ref_rows] for k, v in cond.items()})
 
+    def references():
+        outs = [reference() for _ in range(setup.reference_calls())]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     with attn:
         with amp:
-            ref_out = reference() if (ref_rows and setup.reference_first) else None
+            ref_out = references() if (ref_rows and setup.reference_first) else None
             with phase("policy forward"):
                 pred = call(den, setup, x[:rows], t[:rows], {k: v[:rows] for k, v in cond.items()})
             if tracker is not None:
                 tracker.keep_as_saved("policy forward")
             if ref_rows and not setup.reference_first:
-                ref_out = reference()
+                ref_out = references()
             with phase("loss"):
                 loss = _loss(pred, target, ref_out, setup, n)
         del ref_out, pred

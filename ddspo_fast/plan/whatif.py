@@ -57,7 +57,7 @@ def variants(est: Estimate, *, traced: bool = False) -> list[tuple[str, Estimate
             out.append(("gradient checkpointing", estimate_step(est.arch, replace(o, checkpointing=True))))
         if o.lora_rank is None:
             out.append(("LoRA rank 64", estimate_step(est.arch, replace(o, lora_rank=64))))
-        if o.reference == "live" and o.mode != "sft" and not o.reference_first:
+        if o.reference == "live" and o.mode != "sft" and not o.ref_first():
             out.append(("reference before policy", estimate_step(est.arch, replace(o, reference_first=True))))
     for n in (2, 4, 8):
         out.append((f"sharding over {n} GPUs (per rank; when sharding lands)", sharded_peak(est, n)))

@@ -75,8 +75,13 @@ def measure(setup: StepSetup) -> dict:
 
 
 def main() -> int:
-    setup = StepSetup(**json.loads(sys.stdin.read()))
-    sys.stdout.write(json.dumps(measure(setup)))
+    """One setup (a JSON object) or several (a list: one process, imports paid once)."""
+    doc = json.loads(sys.stdin.read())
+    if isinstance(doc, list):
+        out = [measure(StepSetup(**d)) for d in doc]
+    else:
+        out = measure(StepSetup(**doc))
+    sys.stdout.write(json.dumps(out))
     return 0
 
 
