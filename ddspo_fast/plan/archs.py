@@ -15,7 +15,6 @@ from typing import Optional
 
 # Vae downsampling factor and the attention modules LoRA targets, per denoiser class.
 _VAE_FACTOR = {"sana": 32}
-_T5_TOKENS_NOTE = "text tokens: prompt_embeds length"
 
 # The released FLUX.1-dev transformer (black-forest-labs/FLUX.1-dev), 1024 px.
 FLUX_DEV = {
@@ -53,7 +52,6 @@ TEXT_ENCODERS = {
     "sana": {"text_encoder": _GEMMA2_2B},
     "flux": {"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL},
 }
-TEXT_TOKENS = {"text_encoder_3": "t5", "text_encoder_2@flux": "t5", "text_encoder@sana": "gemma"}
 VAES = {"sd15": _VAE4, "sdxl": _VAE4, "sd3": _VAE16, "sana": _DCAE, "flux": _VAE16}
 LORA_TARGETS = {"flux": ("to_q", "to_k", "to_v", "to_out.0")}
 
@@ -168,11 +166,13 @@ def from_folder(path: str) -> Arch:
     # The released shapes, adjusted to this denoiser's channels and size.
     lat = list(base.latent_shape)
     lat[0] = int(cfg.get("in_channels", lat[0]))
+    if cls == "FluxTransformer2DModel":
+        lat[0] //= 4   # in_channels counts the 2x2-packed latent
     size = cfg.get("sample_size")
     if isinstance(size, int) and family != "flux":
         lat[1] = lat[2] = size
     cond = {}
-    dims = {"cross_attention_dim": None, "joint_attention_dim": None, "caption_channels": None}
+    dims = ("caption_channels", "joint_attention_dim", "cross_attention_dim")  # first wins
     for k, (shape, dt) in base.cond.items():
         shape = list(shape)
         if k == "prompt_embeds":

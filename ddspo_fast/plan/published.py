@@ -153,6 +153,34 @@ def check(ids=None, log=print) -> list[dict]:
     return results
 
 
+def markdown(doc: dict) -> str:
+    """The README table of a written plan-vs-published.json."""
+    lines = ["| figure | source | quoted | kind | configuration read | count GiB | with margin GiB | ratio | band |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in doc["rows"]:
+        o = r["options"]
+        cfg = [r["model"], o["mode"], f"{o['batch']} row(s)" if o["mode"] == "sft" else f"{o['batch']} pair(s)",
+               f"LoRA r{o['lora_rank']}" if o["lora_rank"] else "full", o["precision"]]
+        if o["base"] != "auto":
+            cfg.append(f"base {o['base']}")
+        if o["checkpointing"]:
+            cfg.append("ckpt")
+        cfg.append(o["optimizer"])
+        if o["attention"] != "auto":
+            cfg.append(f"attention {o['attention']}")
+        if o["height"] or o["width"]:
+            cfg.append(f"{o['width']}x{o['height']}")
+        for k in ("text_encoders", "vae"):
+            if o[k]:
+                cfg.append(f"{k.replace('_', ' ')} {o[k]}")
+        mark = " (unmodelled part, upper bound only)" if r.get("judge") == "lower-bound" else ""
+        lines.append(f"| {r['id']}{mark} | {r['source'].split(' ')[0]} | {r['value_gb']:g} GB | "
+                     f"{r['kind']} | {', '.join(str(c) for c in cfg)} | {r['count_gib']:.2f} | "
+                     f"{r['estimate_with_margin_gib']:.2f} | {r['ratio']:.2f} | "
+                     f"{'in' if r['in_band'] else 'OUT'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import platform
 
@@ -164,7 +192,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddspo_fast.plan.published")
     p.add_argument("--row", action="append", help="only this row id (repeatable)")
     p.add_argument("--write", help="write the table as JSON to this path")
+    p.add_argument("--markdown", metavar="JSON", help="print the README table of a written "
+                   "table and exit (no estimates)")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown, encoding="utf-8") as f:
+            print(markdown(json.load(f)))
+        return 0
     results = check(set(args.row or ()), log=lambda s: print(s, flush=True))
     if args.write:
         doc = {"what": "the planner's estimate against published measured peak memory",

@@ -103,7 +103,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddspo_fast.plan.table")
     p.add_argument("--family", action="append", choices=FAMILIES)
     p.add_argument("--write", help="write the table as JSON to this path")
+    p.add_argument("--markdown", metavar="JSON", help="print the README table of a written "
+                   "table and exit (no estimates)")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown, encoding="utf-8") as f:
+            print(markdown(json.load(f)))
+        return 0
     doc = build(tuple(args.family or FAMILIES), log=lambda s: print(s, flush=True))
     doc.update({"what": "estimated peak accelerator memory of one DDSPO step (GiB, traced "
                         "count; add the margin for a GPU figure)",
