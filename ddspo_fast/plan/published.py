@@ -87,7 +87,11 @@ ROWS = [
          value_gb=9.0, kind="nvidia-smi", model="flux-dev",
          options=dict(mode="sft", batch=1, lora_rank=16, precision="bf16-pure", base="nf4",
                       checkpointing=True, optimizer="adamw"),
-         unmodelled="resolution read as 1024 px; LoRA targets read as attention only"),
+         unmodelled="the page's NF4 figure is ~9 GB below its int8 figure, where the "
+                    "stored weights differ by 4.8 GiB: the NF4 run differs from the stated "
+                    "setup in a way the page does not say (resolution is not stated; read "
+                    "as 1024 px like the other rows). Reported, not judged.",
+         judge="reported"),
     dict(id="diffusers-dreambooth-16gb", source=_DB,
          quote="With the help of gradient checkpointing and the 8-bit optimizer from "
                "bitsandbytes it's possible to run train dreambooth on a 16GB GPU.",
@@ -120,6 +124,9 @@ def judge(row: dict, count: int) -> dict:
     if row["kind"] == "fits":
         out["band"] = "estimate <= N"
         out["in_band"] = est <= quoted
+    elif row.get("judge") == "reported":
+        out["band"] = "none: reported, not judged (see unmodelled)"
+        out["in_band"] = None
     elif row.get("judge") == "lower-bound":
         # the run holds something the planner does not model (row's "unmodelled"): the
         # estimate may fall short of the figure but must not exceed it by more than BAND
@@ -148,7 +155,8 @@ def check(ids=None, log=print) -> list[dict]:
                **judge(row, est.peak), "seconds_per_row": round(secs, 1)}
         log(f"{row['id']}: quoted {row['value_gb']} GB ({row['kind']}), count "
             f"{res['count_gib']:.2f} GiB, with margin {res['estimate_with_margin_gib']:.2f} GiB, "
-            f"ratio {res['ratio']:.2f}, {'in band' if res['in_band'] else 'OUT OF BAND'}")
+            f"ratio {res['ratio']:.2f}, "
+            f"{ {True: 'in band', False: 'OUT OF BAND', None: 'reported'}[res['in_band']] }")
         results.append(res)
     return results
 
@@ -177,7 +185,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['id']}{mark} | {r['source'].split(' ')[0]} | {r['value_gb']:g} GB | "
                      f"{r['kind']} | {', '.join(str(c) for c in cfg)} | {r['count_gib']:.2f} | "
                      f"{r['estimate_with_margin_gib']:.2f} | {r['ratio']:.2f} | "
-                     f"{'in' if r['in_band'] else 'OUT'} |")
+                     f"{ {True: 'in', False: 'OUT', None: 'reported'}[r['in_band']] } |")
     return "\n".join(lines)
 
 
@@ -200,7 +208,14 @@ def main(argv=None) -> int:
             print(markdown(json.load(f)))
         return 0
     results = check(set(args.row or ()), log=lambda s: print(s, flush=True))
-    if args.write:
+    if args.write and args.row:
+        # some rows only: replace them in the written table
+        with open(args.write, encoding="utf-8") as f:
+            doc = json.load(f)
+        new = {r["id"]: r for r in results}
+        doc["rows"] = [new.get(r["id"], r) for r in doc["rows"]]
+        atomic_write_text(args.write, json.dumps(doc, indent=1) + "\n")
+    elif args.write:
         doc = {"what": "the planner's estimate against published measured peak memory",
                "command": "make plan-check (python -m ddspo_fast.plan.published --write "
                           "benchmarks/results/plan-vs-published.json)",
@@ -209,7 +224,7 @@ def main(argv=None) -> int:
                "margin": {k: {"factor": f, "constant_gib": c} for k, (f, c) in margin.RULES.items()},
                "band": margin.BAND, "rows": results}
         atomic_write_text(args.write, json.dumps(doc, indent=1) + "\n")
-    bad = [r["id"] for r in results if not r["in_band"]]
+    bad = [r["id"] for r in results if r["in_band"] is False]
     if bad:
         print(f"out of band: {', '.join(bad)}", file=sys.stderr)
         return 1
