@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ddspo_fast.cli import main
-from ddspo_fast.plan import analytic, by_name, estimate_step, from_folder
+from ddspo_fast.plan import analytic, by_name, from_folder
 from ddspo_fast.plan.check import measured_peak, traced_peak
-from ddspo_fast.plan.estimate import PlanOptions, step_setup
+from ddspo_fast.plan.estimate import PlanOptions, estimate_steps, step_setup
 from ddspo_fast.plan.gpus import parse_memory
 from ddspo_fast.plan.whatif import with_optimizer
 from ddspo_fast.testing import make_tiny_model
@@ -41,14 +41,20 @@ def test_trace_equals_cpu_allocator_peak(tiny_sd15, lora, ckpt):
 
 
 @pytest.fixture(scope="module")
-def sd15_full_ckpt():
-    return estimate_step(by_name("sd15"), PlanOptions(batch=1, checkpointing=True))
+def sd15_ckpt():
+    """SD1.5 full fine-tune with checkpointing: live reference and reference cache."""
+    return estimate_steps(by_name("sd15"), [
+        PlanOptions(batch=1, checkpointing=True),
+        PlanOptions(batch=1, checkpointing=True, reference="cached")])
 
 
-def test_reference_cache_saves_the_reference_copy(sd15_full_ckpt):
-    live = sd15_full_ckpt
-    cached = estimate_step(by_name("sd15"), PlanOptions(batch=1, checkpointing=True,
-                                                        reference="cached"))
+@pytest.fixture(scope="module")
+def sd15_full_ckpt(sd15_ckpt):
+    return sd15_ckpt[0]
+
+
+def test_reference_cache_saves_the_reference_copy(sd15_ckpt):
+    live, cached = sd15_ckpt
     ref = live.traced["reference_bytes"]
     assert ref > 1.5 * GiB  # the bf16 copy of a 0.86 B-parameter UNet
     assert cached.traced["reference_bytes"] == 0
@@ -63,9 +69,9 @@ def test_8bit_states_at_most_30_percent_of_adamw(sd15_full_ckpt):
 
 
 def test_checkpointing_cuts_sdxl_policy_saved_activations():
-    plain = estimate_step(by_name("sdxl"), PlanOptions(mode="sft", batch=1, lora_rank=8))
-    ckpt = estimate_step(by_name("sdxl"), PlanOptions(mode="sft", batch=1, lora_rank=8,
-                                                      checkpointing=True))
+    plain, ckpt = estimate_steps(by_name("sdxl"), [
+        PlanOptions(mode="sft", batch=1, lora_rank=8),
+        PlanOptions(mode="sft", batch=1, lora_rank=8, checkpointing=True)])
     assert plain.traced["saved"] > 2 * GiB
     assert ckpt.traced["saved"] <= 0.2 * plain.traced["saved"]
 
