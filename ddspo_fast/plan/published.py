@@ -18,7 +18,7 @@ from dataclasses import asdict
 
 from . import margin
 from .archs import by_name
-from .estimate import PlanOptions, estimate_step, estimate_steps
+from .estimate import PlanOptions, estimate_steps
 
 # Published "GB" figures are read as GiB: the tools they come from print binary units
 # (torch.cuda.max_memory_allocated / 2**30, nvidia-smi MiB / 1024) labelled GB.
@@ -107,11 +107,6 @@ ROWS = [
                       optimizer="adamw8bit", vae="fp32"),
          unmodelled="online VAE encoding in fp32 at 1024 px (before the forward)"),
 ]
-
-
-def estimate_row(row: dict):
-    opts = PlanOptions(**row["options"])
-    return estimate_step(by_name(row["model"]), opts)
 
 
 def judge(row: dict, count: int) -> dict:
