@@ -47,10 +47,16 @@ clean:
 #   make gpu-check    on an NVIDIA GPU machine, offline: build with CUDA, GPU tests, loss
 #                     benchmark and the SD1.5 (+SDXL) step ladder in < 10 min; writes
 #                     benchmarks/results/*-<gpu>.json (benchmarks/gpu_check.sh; README "GPU check")
-.PHONY: bench-step gpu-check
+#   make plan-check   the memory planner against published measured peaks, on this CPU
+#                     (rewrites benchmarks/results/plan-vs-published.json; fails when a
+#                     row leaves its band; README "Plan before you rent")
+.PHONY: bench-step gpu-check plan-check
 
 bench-step: env
 	$(VENV)/bin/ddspo-fast bench step --tiny --device cpu
+
+plan-check: env
+	$(PY) -m ddspo_fast.plan.published --write benchmarks/results/plan-vs-published.json
 
 gpu-check:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh

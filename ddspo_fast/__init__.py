@@ -16,7 +16,7 @@ _LAZY = {
     "TrainConfig": ("ddspo_fast.train", "TrainConfig"),
     "evaluate": ("ddspo_fast.evaluate", "evaluate"),
 }
-_LAZY_MODULES = ("testing", "data", "models", "train", "demo", "bench", "cli")
+_LAZY_MODULES = ("testing", "data", "models", "train", "demo", "bench", "plan", "cli")
 
 __all__ = [
     "__version__", "ddspo_loss", "ddspo_loss_from_reference", "dpo_loss", "DDSPOLoss",

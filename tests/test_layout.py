@@ -23,8 +23,9 @@ ALLOWED = {
     "evaluate": {"evaluation"},
     "testing": {"models", "data"},
     "bench": {"loss", "models", "data", "train", "testing"},
+    "plan": {"loss", "models", "data", "train", "testing", "bench"},
     "demo": {"loss", "models", "data", "train", "testing", "evaluation", "evaluate"},
-    "cli": {"loss", "models", "data", "train", "testing", "evaluation", "evaluate", "bench", "demo"},
+    "cli": {"loss", "models", "data", "train", "testing", "evaluation", "evaluate", "bench", "plan", "demo"},
 }
 ALWAYS = {"_version", "fsio", "safeload", "devices"}
 

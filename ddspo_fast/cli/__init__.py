@@ -38,7 +38,7 @@ PROG = "ddspo-fast"
 
 #: Subcommands in help order; ``foo-bar`` lives in ``ddspo_fast/cli/foo_bar.py``.
 COMMANDS = ("degrade", "prepare", "encode", "precompute", "train", "train-pair", "export", "evaluate",
-            "validate", "bench", "demo")
+            "validate", "bench", "plan", "demo")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

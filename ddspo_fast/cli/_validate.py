@@ -54,6 +54,7 @@ INPUT_DESTS: Dict[str, str] = {
     "against": "any", "base_model": "any", "against_base_model": "any",
     "pickscore": "dir", "imagereward": "dir", "aesthetic": "file", "hpsv2": "file",
     "fid_reference": "dir", "fid_inception": "file",
+    "source": "dir",  # export: a run or a checkpoint
 }
 #: inputs read once, before anything is written: an output may hold them (a run's own
 #: saved train_config.yaml is the natural --config of its resume)
@@ -61,7 +62,8 @@ READ_FIRST = frozenset({"config"})
 #: output paths: name -> "file" or "dir" (None: a FILE metavar says file, else dir)
 OUTPUT_DESTS: Dict[str, Optional[str]] = {"out": None, "output_dir": "dir"}
 #: flags that are free text by design (checked by the command itself where they matter)
-TEXT_DESTS = frozenset({"family", "lora_targets", "backend", "resume", "method", "metrics"})
+TEXT_DESTS = frozenset({"family", "lora_targets", "backend", "resume", "method", "metrics",
+                        "gpu_memory"})
 
 
 

@@ -1,0 +1,89 @@
+"""Measure one step in this process: ``python -m ddspo_fast.plan.worker`` reads a
+``StepSetup`` as JSON on stdin and writes the measurement as JSON on stdout.
+
+The GPU rules (``gpu_rules.py``) change the process's dispatcher for good, so each
+estimate runs here, in a process of its own.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from .step import StepSetup, build, run_step
+from .tracker import MemoryTracker
+
+
+def _bytes(module, pred, granule) -> int:
+    return sum((p.untyped_storage().nbytes() + granule - 1) // granule * granule
+               for p in module.parameters() if pred(p))
+
+
+def _frozen_linears(den) -> list:
+    """numel of each frozen nn.Linear weight (what a quantized base stores in 4/8 bit)."""
+    return [m.weight.numel() for m in den.modules()
+            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+
+
+def summary(den, ref, tracker: MemoryTracker) -> dict:
+    g = tracker.granule
+    trainable = [p for p in den.parameters() if p.requires_grad]
+    return {
+        "peak": tracker.peak,
+        "phases": tracker.phase_peak,
+        "saved": tracker.saved_total,
+        "flops": dict(tracker.flops),
+        "trainable_shapes": [list(p.shape) for p in trainable],
+        "trainable_bytes": _bytes(den, lambda p: p.requires_grad, g),
+        "policy_frozen_bytes": _bytes(den, lambda p: not p.requires_grad, g),
+        "reference_bytes": (_bytes(ref, lambda p: True, g)
+                            if ref is not None and ref is not den else 0),
+        "frozen_linear_numels": _frozen_linears(den),
+        "params": sum(p.numel() for p in den.parameters()),
+    }
+
+
+def measure(setup: StepSetup) -> dict:
+    """The tracked step on fake tensors: peak bytes per phase and category, FLOPs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .gpu_rules import cuda_autocast_rules
+
+    torch.set_num_threads(1)
+    if setup.gpu_rules:
+        cuda_autocast_rules()
+    fm = FakeTensorMode()
+
+    def make(p, dtype):
+        with fm:
+            return torch.empty(p.shape, dtype=dtype)
+
+    def make_input(shape, dtype):
+        with fm:
+            return torch.zeros(shape, dtype=dtype)
+
+    den, ref = build(setup, make)
+    tracker = MemoryTracker(setup.granule)
+    tracker.add_module(den)
+    if ref is not None and ref is not den:
+        tracker.add_module(ref)
+    tracker.watch_grads([p for p in den.parameters() if p.requires_grad])
+    with fm, tracker:
+        run_step(den, ref, setup, make_input, tracker=tracker)
+    return summary(den, ref, tracker)
+
+
+def main() -> int:
+    """One setup (a JSON object) or several (a list: one process, imports paid once)."""
+    doc = json.loads(sys.stdin.read())
+    if isinstance(doc, list):
+        out = [measure(StepSetup(**d)) for d in doc]
+    else:
+        out = measure(StepSetup(**doc))
+    sys.stdout.write(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
