@@ -229,3 +229,17 @@ def test_bench_specs(name, params_b):
         with torch.no_grad():
             out = a.predict(a.denoiser, b["latent_w"].float(), t, cond)
         assert out.shape == b["latent_w"].shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name,described,steps_cfg,schedule", [
+    ("qwen_image", "qwen_image", (50, 4.0), "flow_dynamic"),
+    ("flux2", "flux2 (FLUX.2 [dev])", (50, 4.0), "flow_dynamic"),
+    ("flux2-klein", "flux2 (FLUX.2 [klein])", (50, 4.0), "flow_dynamic"),
+])
+def test_variants_defaults_and_schedule_from_configs_only(name, described, steps_cfg, schedule):
+    a = load_adapter(tiny_model(name), components=())  # no weights: configs only
+    assert a.describe() == described and (a.default_steps, a.default_cfg) == steps_cfg
+    assert a.noise_schedule()["kind"] == schedule
+    assert a.vae_scale_factor == 2 and a.pixel_multiple == 4
+    # a static shift given for training replaces the dynamic one (as for FLUX.1)
+    assert a.noise_schedule(shift=3.0) == {"kind": "flow_static", "shift": 3.0}
