@@ -243,3 +243,29 @@ def test_variants_defaults_and_schedule_from_configs_only(name, described, steps
     assert a.vae_scale_factor == 2 and a.pixel_multiple == 4
     # a static shift given for training replaces the dynamic one (as for FLUX.1)
     assert a.noise_schedule(shift=3.0) == {"kind": "flow_static", "shift": 3.0}
+
+
+def test_collapse_signs_are_logged():
+    """saturated_frac, margin_max and drift_w / drift_l follow from the margins and MSEs the
+    loss returns: checked on hand-made stats, then present in a real run's records."""
+    import math
+
+    from ddspo_fast.train.metrics import MetricsAccumulator
+
+    class One:
+        num_processes = 1
+
+    acc = MetricsAccumulator("cpu")
+    z = torch.tensor([0.5, 6.0, -1.0, 5.0])
+    mm = torch.tensor([2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    rm = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    acc.add(torch.tensor(0.3), {"margin": z, "model_mse": mm, "ref_mse": rm},
+            torch.full((4,), 0.5), None, 4)
+    acc.add(torch.tensor(0.3), {"margin": torch.tensor([1.0, 2.0, 3.0, 9.5]), "model_mse": rm,
+                                "ref_mse": rm}, torch.full((4,), 0.5), None, 4)
+    out = acc.collect(One())
+    assert out["saturated_frac"] == pytest.approx(3 / 8)  # 6.0, 5.0, 9.5 exceed log 99
+    assert out["margin_max"] == 9.5
+    assert out["drift_w"] == pytest.approx(1.5 / 1 - 1) and out["drift_l"] == 0.0
+    acc.reset()
+    assert math.isnan(acc.collect(One())["margin_max"])

@@ -69,6 +69,8 @@ def test_degrade_prepare_train_load_generate(name, degraded, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"ddspo-fast train: {a.describe()} {objective}" in err
         assert metrics[-1]["step"] == 2 and metrics[-1]["loss"] > 0
+        # the early signs of a collapse are in every record
+        assert {"saturated_frac", "margin_max", "drift_w", "drift_l"} <= set(metrics[-1])
         if rank is None:  # full fine-tune: a complete pipeline
             pipe = DiffusionPipeline.from_pretrained(str(out))
         else:  # LoRA: the family pipeline's own loader, and it changes the denoiser
