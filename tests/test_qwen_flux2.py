@@ -266,7 +266,7 @@ def test_collapse_signs_are_logged():
     out = acc.collect(One())
     assert out["saturated_frac"] == pytest.approx(3 / 8)  # 6.0, 5.0, 9.5 exceed log 99
     assert out["margin_max"] == 9.5
-    assert out["drift_w"] == pytest.approx(1.5 / 1 - 1) and out["drift_l"] == 0.0
+    assert out["drift_w"] == pytest.approx(1.5 - 1.0) and out["drift_l"] == 0.0
     acc.reset()
     assert math.isnan(acc.collect(One())["margin_max"])
 

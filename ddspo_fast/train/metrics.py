@@ -8,8 +8,9 @@ Early signs of a collapsing run (users report DPO diverging on large flow models
 logged beside them: ``saturated_frac`` (pairs whose logistic weight sigmoid(-z) fell
 under 1%, i.e. z > log 99: the implicit accuracy saturating, those pairs no longer
 train), ``margin_max`` (the largest margin of the window: margin growth shows in the tail
-before the mean) and ``drift_w`` / ``drift_l`` (the policy's MSE over the reference's,
-minus 1: both rising together is the policy drifting away from the data it prefers)."""
+before the mean) and ``drift_w`` / ``drift_l`` (the policy's MSE minus the reference's on
+the same rows, in the target's units: 0 at the start of a LoRA run; both rising together
+is the policy drifting away from the reference, not only ranking the pair)."""
 
 from __future__ import annotations
 
@@ -77,8 +78,7 @@ class MetricsAccumulator:
         out = {name: (s / draws if draws else float("nan")) for name, s in zip(_SCALARS, sums)}
         out["margin_max"] = top if draws else float("nan")
         for side in ("w", "l"):
-            ref = out[f"ref_mse_{side}"]
-            out[f"drift_{side}"] = out[f"model_mse_{side}"] / ref - 1 if ref else float("nan")
+            out[f"drift_{side}"] = out[f"model_mse_{side}"] - out[f"ref_mse_{side}"]
         for i in range(N_BUCKETS):
             c = bucket[2 * N_BUCKETS + i]
             lo, hi = i / N_BUCKETS, (i + 1) / N_BUCKETS
