@@ -106,3 +106,33 @@ def test_precomputed_cache_trains_as_the_live_reference(name, tmp_path):
     w_cached = load_file(tmp_path / "cached" / "pytorch_lora_weights.safetensors")
     assert w_live.keys() == w_cached.keys()
     assert max((w_live[k] - w_cached[k]).abs().max().item() for k in w_live) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["qwen_image", "flux2-klein"])
+def test_encoded_image_pairs_train(name, tmp_path, capsys):
+    """encode: the video VAE takes one frame (Qwen-Image), FLUX.2 stores patchified,
+    batch-norm-normalised latents; sides must be multiples of twice the VAE's downscale."""
+    import numpy as np
+    from PIL import Image
+
+    model = tiny_model(name)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, prompt in enumerate(["a red car on the street", "a photo of a cat"]):
+        for side in ("w", "l"):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                tmp_path / f"{i}{side}.png")
+        lines.append(json.dumps({"prompt": prompt, "image_w": f"{i}w.png", "image_l": f"{i}l.png"}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    base = ["encode", "--model", model, "--pairs", str(tmp_path / "pairs.jsonl"), "--device",
+            "cpu", "--no-progress", "--degrade", "random"]
+    assert cli.main(base + ["--out", str(tmp_path / "bad"), "--resolution", "18"]) != 0
+    assert "multiples of 4" in capsys.readouterr().err
+    ds = tmp_path / "ds"
+    assert cli.main(base + ["--out", str(ds)]) == 0
+    data = open_dataset(ds, validate=True)
+    a = load_adapter(model, components=("vae",))
+    assert tuple(data.latent_shape) == tuple(a.latent_shape())
+    assert a.native_resolution() == (16, 16)
+    metrics = _train(model, ds, tmp_path / "run", "ddspo", 4, "--max-steps", "1")
+    assert metrics[-1]["step"] == 1

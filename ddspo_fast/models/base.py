@@ -262,6 +262,15 @@ class FamilyAdapter:
         """Image sides must be multiples of this (the VAE's downscale, times any packing)."""
         return self.vae_scale_factor
 
+    def native_resolution(self) -> tuple[int, int]:
+        """(height, width) in pixels of one native-resolution latent."""
+        h, w = self.latent_shape()[-2:]
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def vae_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (n, 3, H, W) -> what the VAE encoder takes (a video VAE: one frame)."""
+        return x
+
     def pack_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Stored layout -> the layout the denoiser takes (identity for most families)."""
         return x

@@ -86,6 +86,10 @@ class Flux2Adapter(FamilyAdapter):
     def pixel_multiple(self) -> int:
         return 2 * self.vae_scale_factor
 
+    def native_resolution(self) -> tuple[int, int]:
+        h, w = self.latent_shape()[-2:]  # patchified: twice the side in VAE latents
+        return 2 * h * self.vae_scale_factor, 2 * w * self.vae_scale_factor
+
     def pack_latents(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H * W, C): one token per (patchified) latent position."""
         b, c, h, w = x.shape
@@ -179,10 +183,8 @@ class Flux2Adapter(FamilyAdapter):
         self.pipe.register_modules(vae=vae)
 
     def pipeline_call_kwargs(self) -> dict:
-        # latent_shape is patchified: the image is twice its side in VAE latents.
-        h, w = self.latent_shape()[-2:]
-        return {"height": 2 * h * self.vae_scale_factor, "width": 2 * w * self.vae_scale_factor,
-                "max_sequence_length": self.max_sequence_length,
+        h, w = self.native_resolution()
+        return {"height": h, "width": w, "max_sequence_length": self.max_sequence_length,
                 "text_encoder_out_layers": OUT_LAYERS[self.variant]}
 
     @torch.no_grad()

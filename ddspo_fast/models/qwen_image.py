@@ -76,6 +76,9 @@ class QwenImageAdapter(FamilyAdapter):
     def pixel_multiple(self) -> int:
         return 2 * self.vae_scale_factor
 
+    def vae_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(2)  # the video VAE encodes (n, 3, frames = 1, H, W)
+
     def pack_latents(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 1, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token, channel-major."""
         b, c, f, h, w = x.shape
