@@ -55,6 +55,11 @@ def test_degrade_prepare_train_load_generate(name, degraded, tmp_path, capsys):
     pipe_cls, tokens, runs = CASES[name]
     model = tiny_model(name)
     ds = tmp_path / "pairs"
+    if name == "qwen_image":  # one step would stretch a single sigma to the terminal: NaN
+        assert cli.main(["prepare", "--model", model, "--prompts", str(degraded), "--out",
+                         str(tmp_path / "one"), "--steps", "1", "--device", "cpu",
+                         "--no-progress"]) != 0
+        assert "needs at least 2 sampling steps" in capsys.readouterr().err
     assert cli.main(["prepare", "--model", model, "--prompts", str(degraded), "--out", str(ds),
                      "--steps", "2", "--device", "cpu", "--no-progress"]) == 0
     a = load_adapter(model, components=("denoiser",))

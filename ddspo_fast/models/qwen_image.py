@@ -130,11 +130,16 @@ class QwenImageAdapter(FamilyAdapter):
     def generate_latents(self, prompts, seeds, *, steps=None, cfg=None) -> torch.Tensor:
         if len(prompts) != len(seeds):
             raise ValueError("seeds: expected one seed per prompt")
+        steps = int(steps or self.default_steps)
+        if steps < 2 and self._flow_cfg.get("shift_terminal"):
+            # Stretching one sigma to the terminal value divides by zero: NaN latents.
+            raise ValueError(f"steps: Qwen-Image's scheduler (shift_terminal) needs at least 2 "
+                             f"sampling steps, got {steps}")
         gen_device = "cpu" if self.device.type == "mps" else self.device
         gens = [torch.Generator(device=gen_device).manual_seed(int(s)) for s in seeds]
         out = self.pipe(prompt=list(prompts), negative_prompt=[NEGATIVE_PROMPT] * len(prompts),
                         true_cfg_scale=float(self.default_cfg if cfg is None else cfg),
-                        num_inference_steps=int(steps or self.default_steps), generator=gens,
+                        num_inference_steps=steps, generator=gens,
                         output_type="latent", **self.pipeline_call_kwargs())
         packed = out.images
         return self.unpack_latents(packed, (packed.shape[0], *self.latent_shape()))
