@@ -145,5 +145,9 @@ def test_encoded_image_pairs_train(name, tmp_path, capsys):
     a = load_adapter(model, components=("vae",))
     assert tuple(data.latent_shape) == tuple(a.latent_shape())
     assert a.native_resolution() == (16, 16)
+    # the latents are those of the script: a seeded posterior sample for Qwen-Image, the
+    # posterior mean for FLUX.2 (its scripts take latent_dist.mode())
+    assert json.loads((ds / "info.json").read_text())["latent"] == \
+        ("mean" if name.startswith("flux2") else "sample")
     metrics = _train(model, ds, tmp_path / "run", "ddspo", 4, "--max-steps", "1")
     assert metrics[-1]["step"] == 1

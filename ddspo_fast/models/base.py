@@ -116,6 +116,9 @@ class FamilyAdapter:
     # dtype the family's text encoders always run in when the caller gives no
     # text_dtype (SANA: Gemma-2 in bf16, as the official code loads it); None = dtype.
     text_encoder_dtype: ClassVar[Optional[torch.dtype]] = None
+    # How ``encode`` takes latents from the VAE posterior by default, as the family's
+    # training script does: "sample" (Diffusion-DPO, DreamBooth scripts) or "mean".
+    vae_latent_mode: ClassVar[str] = "sample"
     # Per-family options accepted by ``load(..., options=...)`` (name -> allowed values
     # description); subclasses list theirs and apply them in ``_configure``.
     options: ClassVar[dict[str, str]] = {}

@@ -48,6 +48,7 @@ class Flux2Adapter(FamilyAdapter):
     is_unet = False
     timestep_sampling = "uniform"
     max_sequence_length = MAX_SEQUENCE_LENGTH
+    vae_latent_mode = "mean"  # the scripts encode with latent_dist.mode()
 
     def __init__(self, pipe, model, *, device, dtype):
         super().__init__(pipe, model, device=device, dtype=dtype)
