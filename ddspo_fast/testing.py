@@ -11,7 +11,7 @@ nothing is ever downloaded. A tiny pipeline loads with the ordinary
 
 ``TINY_MODELS`` names every tiny model: one per family (its name) and one per further
 variant ("flux" is FLUX.1 [dev], "flux-schnell"; "sd35" is SD3.5-medium's structure,
-"sd35-large").
+"sd35-large"; "flux2" is FLUX.2 [dev], "flux2-klein").
 """
 
 from __future__ import annotations
@@ -290,6 +290,147 @@ def _build_sana():
                         scheduler=sched)
 
 
+# A chat template in the shape of Qwen's (ChatML): the FLUX.2 pipelines build their prompts
+# with apply_chat_template (content as a string or as a list of text parts; [klein] asks
+# for no thinking block), Qwen-Image formats its own template.
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}")
+
+
+def _qwen_tokenizer(max_length: int = 1024):
+    """A byte-level BPE tokenizer of Qwen2's class (used by Qwen2.5-VL, Qwen3 and, for
+    the tiny FLUX.2 [dev], in place of Mistral's processor: the pipeline only calls its
+    apply_chat_template)."""
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    merges, tokens = _word_merges(["\u0120" + w for w in _WORDS])
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
+                             unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                             pad_token="<|endoftext|>",
+                             additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = _CHAT_TEMPLATE
+    tok.model_max_length = max_length
+    return tok
+
+
+def _build_qwen_image():
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
+                           QwenImagePipeline, QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = _qwen_tokenizer()
+    n = len(tok)
+    torch.manual_seed(1)
+    te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": n + 4,
+                     "bos_token_id": None, "eos_token_id": tok.eos_token_id,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default",
+                                      "type": "default"}, "rope_theta": 1000000.0},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": 16},
+        hidden_size=16, vocab_size=n + 4, vision_start_token_id=n, vision_end_token_id=n + 1,
+        vision_token_id=n + 2, image_token_id=n + 3, video_token_id=n + 3)).eval()
+    torch.manual_seed(0)
+    # 4 latent channels packed 2x2 -> 16; rope axes sum to the head dim.
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4))
+    torch.manual_seed(2)
+    # The video VAE: one temporal-downsample entry = a 2x downscale; per-channel latent
+    # statistics that are not the identity, so the normalisation is exercised.
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                 temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.05, 0.0],
+                                 latents_std=[1.5, 0.8, 1.2, 2.0])
+    vae.register_to_config(sample_size=16)  # the native size the adapter reads
+    # Qwen-Image's scheduler: dynamic (exponential) shift at sampling time.
+    sched = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+        max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+        time_shift_type="exponential")
+    return QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
+                             transformer=transformer)
+
+
+def _flux2_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(2)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, latent_channels=4,
+                             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                             block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                             sample_size=16, use_quant_conv=False, use_post_quant_conv=False)
+    # Batch-norm statistics that are not the identity, so the normalisation is exercised.
+    g = torch.Generator().manual_seed(5)
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.2)
+    vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=g) + 0.5)
+    return vae
+
+
+def _flux2_transformer(text_dim: int, guidance: bool):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    # 4 latent channels patchified 2x2 -> 16 per token; 4 rope axes (T, H, W, L).
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=text_dim, timestep_guidance_channels=32,
+        axes_dims_rope=(2, 2, 2, 2), guidance_embeds=guidance)
+
+
+def _build_flux2_dev():
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tok = _qwen_tokenizer()
+    n = len(tok)
+    torch.manual_seed(1)
+    # 31 layers: the pipeline stacks hidden states 10, 20 and 30.
+    te = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": n + 2, "hidden_size": 8,
+                     "intermediate_size": 16, "max_position_embeddings": 1024,
+                     "num_attention_heads": 2, "num_hidden_layers": 31,
+                     "num_key_value_heads": 1, "head_dim": 4, "sliding_window": None,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config={"model_type": "pixtral", "hidden_size": 8, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "intermediate_size": 16, "image_size": 30,
+                       "patch_size": 6, "num_channels": 3},
+        image_token_index=n, pad_token_id=tok.pad_token_id, image_seq_length=4,
+        vision_feature_layer=-1)).eval()
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
+                                            use_dynamic_shifting=True)
+    return Flux2Pipeline(scheduler=sched, vae=_flux2_vae(), text_encoder=te, tokenizer=tok,
+                         transformer=_flux2_transformer(3 * 8, guidance=True))
+
+
+def _build_flux2_klein():
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = _qwen_tokenizer()
+    torch.manual_seed(1)
+    # 28 layers: the pipeline stacks hidden states 9, 18 and 27.
+    te = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+        max_position_embeddings=1024, pad_token_id=tok.pad_token_id)).eval()
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
+                                            use_dynamic_shifting=True)
+    return Flux2KleinPipeline(scheduler=sched, vae=_flux2_vae(), text_encoder=te,
+                              tokenizer=tok, transformer=_flux2_transformer(3 * 8, guidance=False))
+
+
 # tiny model name -> (family, builder)
 TINY_MODELS = {
     "sd15": ("sd15", _build_sd15), "sdxl": ("sdxl", _build_sdxl), "sd3": ("sd3", _build_sd3),
@@ -298,6 +439,9 @@ TINY_MODELS = {
     "flux-schnell": ("flux", lambda: _build_flux(dev=False)),
     "sd35": ("sd3", lambda: _build_sd35(medium=True)),
     "sd35-large": ("sd3", lambda: _build_sd35(medium=False)),
+    "qwen_image": ("qwen_image", _build_qwen_image),
+    "flux2": ("flux2", _build_flux2_dev),
+    "flux2-klein": ("flux2", _build_flux2_klein),
 }
 _BUILDERS = {name: build for name, (_, build) in TINY_MODELS.items()}
 

@@ -32,7 +32,7 @@ def test_detect_and_cond_keys(family):
 
 
 def test_get_family_and_detect_errors(tmp_path):
-    assert set(FAMILIES) == set(ALL) | {"flux"}
+    assert set(FAMILIES) == set(ALL) | {"flux", "qwen_image", "flux2"}
     with pytest.raises(ValueError, match="family"):
         get_family("sd2")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))

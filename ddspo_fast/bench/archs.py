@@ -1,7 +1,8 @@
 """The architectures the step benchmark trains, and how they are materialised.
 
 `REAL` holds the released denoisers' diffusers configs (SD1.5 at 512 px, SDXL, SD3-medium
-and SANA-600M at 1024 px), `TINY` small versions with the same structure for CPU runs.
+and SANA-600M at 1024 px; FLUX.1 [dev], SD3.5, Qwen-Image, FLUX.2 [dev] and [klein] 4B),
+`TINY` small versions with the same structure for CPU runs.
 Weights are random: `write_model` initialises a denoiser and saves it as a pipeline
 directory holding only the denoiser, the scheduler and the VAE config, which the library
 loads like any model. Nothing is downloaded.
@@ -54,6 +55,20 @@ _FLUX_FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_times
 _FLUX_VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
              "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,
              "sample_size": 1024, "use_quant_conv": False, "use_post_quant_conv": False}
+# Qwen-Image: the scheduler shifts dynamically (exponential) when sampling; its video VAE
+# downscales 8x (three temporal-downsample entries). The per-channel latent statistics are
+# left out: the step consumes stored latents and never normalises.
+_QWEN_FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+              "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+              "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
+              "time_shift_type": "exponential"}
+_QWEN_VAE = {"_class_name": "AutoencoderKLQwenImage", "z_dim": 16,
+             "temperal_downsample": [False, True, True]}
+# FLUX.2: 32-channel VAE, 8x (patchified 2x2 to 128 channels for the transformer).
+_FLUX2_FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+               "shift": 3.0, "use_dynamic_shifting": True}
+_FLUX2_VAE = {"_class_name": "AutoencoderKLFlux2", "block_out_channels": [128, 256, 512, 512],
+              "latent_channels": 32, "sample_size": 1024}
 _F16, _I64 = torch.float16, torch.int64
 
 # Published architectures (diffusers configs of the released checkpoints).
@@ -118,6 +133,34 @@ REAL = {
         _FLOW, _SD3_VAE, "StableDiffusion3Pipeline", default_batch=2,
         notes="SD3.5-medium MMDiT-X (dual attention in blocks 0-12), 1024 px, 77 CLIP + 77 T5 "
               "tokens"),
+    "qwen_image": Spec("qwen_image", "QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+        axes_dims_rope=(16, 56, 56)),
+        (16, 1, 128, 128), {"prompt_embeds": ((512, 3584), _F16),
+                            "prompt_embeds_mask": ((512,), _I64)},
+        _QWEN_FLOW, _QWEN_VAE, "QwenImagePipeline", default_batch=1,
+        notes="Qwen-Image MMDiT, 60 blocks, 1024 px (5-D video-VAE latents), 512 Qwen2.5-VL "
+              "tokens"),
+    # FLUX.2 [dev]: Flux2Transformer2DModel's defaults are its config.
+    "flux2": Spec("flux2", "Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=128, num_layers=8, num_single_layers=48,
+        attention_head_dim=128, num_attention_heads=48, joint_attention_dim=15360,
+        timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+        guidance_embeds=True),
+        (128, 64, 64), {"prompt_embeds": ((512, 15360), _F16)},
+        _FLUX2_FLOW, _FLUX2_VAE, "Flux2Pipeline", default_batch=1,
+        notes="FLUX.2 [dev] MMDiT, 8 double + 48 single blocks, 1024 px, 512 Mistral-3 tokens "
+              "(3 layers stacked)"),
+    "flux2-klein": Spec("flux2", "Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
+        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+        timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+        guidance_embeds=False),
+        (128, 64, 64), {"prompt_embeds": ((512, 7680), _F16)},
+        _FLUX2_FLOW, _FLUX2_VAE, "Flux2KleinPipeline", default_batch=2,
+        notes="FLUX.2 [klein] 4B MMDiT, 5 double + 20 single blocks, 1024 px, 512 Qwen3-4B "
+              "tokens (3 layers stacked)"),
 }
 
 # Small versions with the same structure. Batch 8 keeps a CPU step compute-bound: at
@@ -173,6 +216,27 @@ TINY = {
         qk_norm="rms_norm", dual_attention_layers=(0,)),
         (4, 16, 16), {"prompt_embeds": ((16, 32), _F16), "pooled_prompt_embeds": ((32,), _F16)},
         _FLOW, _SD3_VAE, "StableDiffusion3Pipeline", default_batch=8, lora_rank=8),
+    "qwen_image": Spec("qwen_image", "QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6)),
+        (4, 1, 16, 16), {"prompt_embeds": ((16, 32), _F16), "prompt_embeds_mask": ((16,), _I64)},
+        _QWEN_FLOW, dict(_QWEN_VAE, z_dim=4, sample_size=128), "QwenImagePipeline",
+        default_batch=8, lora_rank=8),
+    "flux2": Spec("flux2", "Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=48, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True),
+        (16, 8, 8), {"prompt_embeds": ((16, 48), _F16)},
+        _FLUX2_FLOW, dict(_FLUX2_VAE, latent_channels=4, sample_size=128), "Flux2Pipeline",
+        default_batch=8, lora_rank=8),
+    "flux2-klein": Spec("flux2", "Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=48, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False),
+        (16, 8, 8), {"prompt_embeds": ((16, 48), _F16)},
+        _FLUX2_FLOW, dict(_FLUX2_VAE, latent_channels=4, sample_size=128), "Flux2KleinPipeline",
+        default_batch=8, lora_rank=8),
 }
 
 

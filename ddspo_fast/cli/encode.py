@@ -52,9 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-bad", choices=("skip", "fail"), default="skip",
                    help="a pair whose image is missing or cannot be decoded, or whose line/row is "
                         "malformed: skip it and report it (default) or stop with an error naming it")
-    p.add_argument("--latent", choices=("sample", "mean"), default="sample",
-                   help="store a VAE posterior sample (default, as the Diffusion-DPO script; seeded per "
-                        "pair) or the posterior mean")
+    p.add_argument("--latent", choices=("sample", "mean"), default=None,
+                   help="store a VAE posterior sample (seeded per pair; as the Diffusion-DPO script) "
+                        "or the posterior mean; default: the family's training script's choice "
+                        "(the mean for FLUX.2, a sample for the others)")
     p.add_argument("--degrade", choices=("none", "random", "structural"), default="none",
                    help="also store a degraded prompt c- per pair, needed by DDSPO with the reference "
                         "pair (default: none, enough for --objective dpo)")

@@ -208,7 +208,7 @@ def _encode_batch(adapter, images, batch: List[dict], *, size, mode: str, seed: 
 
 def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], None] = None,
                  batch_size: int = 8, ties: str = "drop", on_bad: str = "skip",
-                 latent: str = "sample", degrade: Optional[str] = None, seed: int = 0,
+                 latent: Optional[str] = None, degrade: Optional[str] = None, seed: int = 0,
                  family: Optional[str] = None, device=None, dtype: Optional[torch.dtype] = None,
                  vae_dtype: torch.dtype = torch.float32, store_dtype: str = "float16",
                  shard_size: int = 64, progress: bool = True,
@@ -233,7 +233,9 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
             stop with a ``ValueError`` naming the file and line/row (pairs written so far
             are kept, and a rerun resumes).
         latent: ``"sample"`` a VAE posterior sample (as the Diffusion-DPO script; seeded
-            per pair from ``seed``, so reruns give the same latents) or its ``"mean"``.
+            per pair from ``seed``, so reruns give the same latents) or its ``"mean"``;
+            None = the family's training script's choice (``vae_latent_mode``: the mean
+            for FLUX.2, a sample for the others).
         degrade: ``None``, ``"random"`` or ``"structural"``: write a degraded prompt c- and
             its condition for DDSPO's TF-CPP (a JSONL ``neg_prompt`` takes precedence).
         dtype: text-encoder dtype (default fp16 on CUDA, fp32 elsewhere, as ``prepare``).
@@ -257,7 +259,7 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad: expected one of {ON_BAD}, got {on_bad!r}")
-    if latent not in ("sample", "mean"):
+    if latent not in (None, "sample", "mean"):
         raise ValueError(f"latent: expected 'sample' or 'mean', got {latent!r}")
     if degrade is not None and degrade not in RULE_METHODS:
         raise ValueError(f"degrade: expected None or one of {RULE_METHODS}, got {degrade!r}")
@@ -295,6 +297,7 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     adapter = load_adapter(str(model), fam, components=("text", "vae"), device=dev, dtype=dtype,
                            text_dtype=vae_dtype)
+    latent = latent or adapter.vae_latent_mode
     if dtype != vae_dtype:  # loaded in the VAE's dtype (casting a VAE down and up loses bits)
         for name in adapter.text_components:
             comp = getattr(adapter.pipe, name, None)

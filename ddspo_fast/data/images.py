@@ -103,7 +103,7 @@ def vae_encode(adapter, pixels: torch.Tensor, *, mode: str = "sample",
     vae = getattr(adapter.pipe, "vae", None)
     if vae is None:
         raise ValueError(f"this {adapter.name} adapter was loaded without its VAE")
-    x = pixels.to(device=vae.device, dtype=vae.dtype)
+    x = adapter.vae_pixels(pixels.to(device=vae.device, dtype=vae.dtype))
     out = vae.encode(x)
     dist = getattr(out, "latent_dist", None)
     if dist is not None:
@@ -119,6 +119,4 @@ def vae_encode(adapter, pixels: torch.Tensor, *, mode: str = "sample",
 
 def family_resolution(adapter) -> Tuple[int, int]:
     """(height, width) in pixels of the family's native-resolution latents."""
-    h, w = adapter.latent_shape()[-2:]
-    f = adapter.vae_scale_factor
-    return h * f, w * f
+    return adapter.native_resolution()

@@ -18,6 +18,8 @@ import torch
 
 from .base import FamilyAdapter, read_model_index
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
+from .qwen_image import QwenImageAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .sd15 import SD15Adapter
@@ -27,7 +29,8 @@ FAMILIES: dict[str, type[FamilyAdapter]] = {}
 
 __all__ = ["FAMILIES", "FamilyAdapter", "get_family", "detect_family", "family_of_pipeline",
            "load_adapter", "register_family", "family_names", "SD15Adapter", "SDXLAdapter",
-           "SD3Adapter", "SanaAdapter", "FluxAdapter"]
+           "SD3Adapter", "SanaAdapter", "FluxAdapter", "QwenImageAdapter",
+           "Flux2Adapter"]
 
 
 def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
@@ -41,7 +44,8 @@ def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
     return cls
 
 
-for _cls in (SD15Adapter, SDXLAdapter, SD3Adapter, SanaAdapter, FluxAdapter):
+for _cls in (SD15Adapter, SDXLAdapter, SD3Adapter, SanaAdapter, FluxAdapter, QwenImageAdapter,
+             Flux2Adapter):
     register_family(_cls)
 
 

@@ -116,6 +116,9 @@ class FamilyAdapter:
     # dtype the family's text encoders always run in when the caller gives no
     # text_dtype (SANA: Gemma-2 in bf16, as the official code loads it); None = dtype.
     text_encoder_dtype: ClassVar[Optional[torch.dtype]] = None
+    # How ``encode`` takes latents from the VAE posterior by default, as the family's
+    # training script does: "sample" (Diffusion-DPO, DreamBooth scripts) or "mean".
+    vae_latent_mode: ClassVar[str] = "sample"
     # Per-family options accepted by ``load(..., options=...)`` (name -> allowed values
     # description); subclasses list theirs and apply them in ``_configure``.
     options: ClassVar[dict[str, str]] = {}
@@ -261,6 +264,15 @@ class FamilyAdapter:
     def pixel_multiple(self) -> int:
         """Image sides must be multiples of this (the VAE's downscale, times any packing)."""
         return self.vae_scale_factor
+
+    def native_resolution(self) -> tuple[int, int]:
+        """(height, width) in pixels of one native-resolution latent."""
+        h, w = self.latent_shape()[-2:]
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def vae_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (n, 3, H, W) -> what the VAE encoder takes (a video VAE: one frame)."""
+        return x
 
     def pack_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Stored layout -> the layout the denoiser takes (identity for most families)."""

@@ -2,7 +2,15 @@
 
 Everything is derived from what the loss returns (its value and its ``stats``: per-row
 errors and per-pair margins); the per-pair loss math lives in the loss package only, so
-the noise-level buckets report the mean margin and the implicit accuracy."""
+the noise-level buckets report the mean margin and the implicit accuracy.
+
+Early signs of a collapsing run (users report DPO diverging on large flow models) are
+logged beside them: ``saturated_frac`` (pairs whose logistic weight sigmoid(-z) fell
+under 1%, i.e. z > log 99: the implicit accuracy saturating, those pairs no longer
+train), ``margin_max`` (the largest margin of the window: margin growth shows in the tail
+before the mean) and ``drift_w`` / ``drift_l`` (the policy's MSE minus the reference's on
+the same rows, in the target's units: 0 at the start of a LoRA run; both rising together
+is the policy drifting away from the reference, not only ranking the pair)."""
 
 from __future__ import annotations
 
@@ -19,7 +27,8 @@ from ..fsio import atomic_write_text, iter_jsonl
 
 N_BUCKETS = 4  # noise-level buckets: [0, .25), [.25, .5), [.5, .75), [.75, 1]
 _SCALARS = ("loss", "implicit_acc", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l",
-            "margin", "mixed_frac")
+            "margin", "mixed_frac", "saturated_frac")
+SATURATED_MARGIN = math.log(99.0)  # sigmoid(-z) < 1%: the pair's gradient has all but gone
 
 
 class MetricsAccumulator:
@@ -32,6 +41,7 @@ class MetricsAccumulator:
         self.sums = z(len(_SCALARS))
         self.draws = 0  # pair-draws, counted on the host (no device traffic)
         self.bucket = z(3 * N_BUCKETS)  # margin, correct, count per bucket
+        self.margin_max = torch.full((1,), -math.inf, dtype=torch.float64, device=self.device)
         self.pairs = 0  # host-side count of dataset pairs, no sync needed
 
     @torch.no_grad()
@@ -43,8 +53,10 @@ class MetricsAccumulator:
         mix = mixed.double().mean() if mixed is not None else torch.zeros((), device=z.device,
                                                                             dtype=torch.float64)
         vals = torch.stack([loss.detach().double() * n, correct.sum(), mm[:n].sum(), mm[n:].sum(),
-                            rm[:n].sum(), rm[n:].sum(), z.sum(), mix * n])
+                            rm[:n].sum(), rm[n:].sum(), z.sum(), mix * n,
+                            (z > SATURATED_MARGIN).double().sum()])
         self.sums += vals
+        self.margin_max = torch.maximum(self.margin_max, z.max().reshape(1))
         self.draws += n
         b = (tau.detach().double().clamp(0, 1 - 1e-9) * N_BUCKETS).long()
         self.bucket.index_add_(0, b, z)
@@ -55,12 +67,18 @@ class MetricsAccumulator:
     def collect(self, accelerator) -> dict:
         draws = torch.tensor([float(self.draws)], dtype=torch.float64, device=self.device)
         packed = torch.cat([self.sums, draws, self.bucket])
+        top = self.margin_max
         if accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
+            top = accelerator.gather(top)
         vals = packed.tolist()
+        top = float(top.max())
         k = len(_SCALARS)
         sums, draws, bucket = vals[:k], vals[k], vals[k + 1:]
         out = {name: (s / draws if draws else float("nan")) for name, s in zip(_SCALARS, sums)}
+        out["margin_max"] = top if draws else float("nan")
+        for side in ("w", "l"):
+            out[f"drift_{side}"] = out[f"model_mse_{side}"] - out[f"ref_mse_{side}"]
         for i in range(N_BUCKETS):
             c = bucket[2 * N_BUCKETS + i]
             lo, hi = i / N_BUCKETS, (i + 1) / N_BUCKETS
