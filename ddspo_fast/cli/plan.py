@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=("auto", "flash", "mem-efficient", "xformers", "math"),
                    help="attention kernel (default auto: what SDPA picks on a GPU)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw (fused)")
-    p.add_argument("--reference-cache", action="store_true", help="the frozen reference's "
+    p.add_argument("--reference-cache", action="store_true", dest="cached_reference", help="the frozen reference's "
                    "outputs come from a precomputed cache (ddspo-fast precompute)")
     p.add_argument("--reference-first", choices=("yes", "no"), help="run the reference "
                    "before the policy forward (default: as ddspo_fast's trainer, yes for "
@@ -87,7 +87,7 @@ def _options(args, cfg):
         changes["lora_rank"] = args.lora_rank
     if args.checkpointing:
         changes["checkpointing"] = True
-    if args.reference_cache:
+    if args.cached_reference:
         changes["reference"] = "cached"
     if args.reference_first:
         changes["reference_first"] = args.reference_first == "yes"
