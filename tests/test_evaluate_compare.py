@@ -244,7 +244,7 @@ def test_geneval_and_t2i_compbench_layouts(assets, tmp_path):
     render_benchmark(base, "t2i-compbench", p, out, num_images_per_prompt=2, steps=2, device="cpu")
     assert sorted(x.name for x in (out / "samples").iterdir()) == [
         "a green bench and a blue bowl_000000.png", "a green bench and a blue bowl_000001.png",
-        "a red car_000000.png", "a red car_000001.png"]
+        "a red car_000002.png", "a red car_000003.png"]  # one running index: BLIP-VQA's question ids
     p.write_text("a cat / a dog\n")
     with pytest.raises(ValueError, match="prompts: prompt 1 cannot be a file name"):
         render_benchmark(base, "t2i-compbench", p, tmp_path / "t2i-2", steps=2, device="cpu")

@@ -316,7 +316,7 @@ def render_benchmark(model, fmt: str, prompts_file, out_dir, *, num_images_per_p
     device = _device(device)
     if isinstance(model, (str, os.PathLike)):
         resolve(model, base_model)
-    path_of = formats.t2i_compbench_paths(out, prompts) if fmt != "geneval" else None
+    path_of = formats.t2i_compbench_paths(out, prompts, num_images_per_prompt) if fmt != "geneval" else None
     check_settings(out, {**_settings(model, prompts, steps, seed, guidance_scale, dtype),
                          "format": fmt}, name=".ddspo-fast-generation.json")
     if fmt == "geneval":

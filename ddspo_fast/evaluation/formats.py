@@ -8,10 +8,12 @@ run on them with no conversion.
       OUT/00000/samples/0000.png   image 0 of that prompt, 0001.png, ...
 
   Its ``evaluation/evaluate_images.py OUT`` then scores the folder.
-* T2I-CompBench (Karine-Huang/T2I-CompBench, README): every image in one folder, named
-  by its prompt and a 6-digit index::
+* T2I-CompBench (Karine-Huang/T2I-CompBench, README "Evaluation"): every image in one
+  folder, named by its prompt and a 6-digit index that runs on across prompts (its own
+  ``GORS_finetune/inference_eval.py`` counts images globally, and its BLIP-VQA script
+  takes that index as the question id, so it must be unique)::
 
-      OUT/samples/<prompt>_000000.png, <prompt>_000001.png, ...
+      OUT/samples/<prompt 0>_000000.png, <prompt 0>_000001.png, <prompt 1>_000002.png, ...
 
   Its BLIP-VQA / UniDet / CLIP scripts read ``OUT/samples`` (prompts from its
   ``examples/dataset/*.txt`` files, one per line).
@@ -55,8 +57,9 @@ def geneval_paths(out: Path, records: list[dict]):
     return lambda i, j: out / f"{i:05d}" / "samples" / f"{j:04d}.png"
 
 
-def t2i_compbench_paths(out: Path, prompts: list[str]):
-    """``path_of(i, j)`` in T2I-CompBench's ``samples/<prompt>_<j:06d>.png`` layout."""
+def t2i_compbench_paths(out: Path, prompts: list[str], per_prompt: int):
+    """``path_of(i, j)`` in T2I-CompBench's ``samples/<prompt>_<index:06d>.png`` layout,
+    ``index = i * per_prompt + j`` (one running count over the whole folder)."""
     for k, p in enumerate(prompts):
         if "/" in p or "\0" in p or len(p.encode("utf-8")) > 230:
             raise ValueError(f"prompts: prompt {k + 1} cannot be a file name in T2I-CompBench's "
@@ -64,4 +67,4 @@ def t2i_compbench_paths(out: Path, prompts: list[str]):
     if len(set(prompts)) != len(prompts):
         raise ValueError("prompts: a prompt appears twice; T2I-CompBench's layout names images "
                          "by prompt, so each must be unique")
-    return lambda i, j: out / "samples" / f"{prompts[i]}_{j:06d}.png"
+    return lambda i, j: out / "samples" / f"{prompts[i]}_{i * per_prompt + j:06d}.png"
