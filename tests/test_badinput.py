@@ -84,7 +84,7 @@ def test_every_flag_of_every_command_goes_through_the_validator(name):
 
 #: every command that writes, and its output flag's destination
 WRITERS = {"degrade": "out", "prepare": "out", "encode": "out", "precompute": "out",
-           "train": "output_dir", "train-pair": "output_dir", "evaluate": "out"}
+           "train": "output_dir", "train-pair": "output_dir", "evaluate": "out", "export": "out"}
 
 
 def test_every_writing_command_has_a_checked_output():
@@ -153,6 +153,8 @@ def _tree(p: Path):
     "degrade {p} --out {p}",
     "degrade {p} --out {m}/neg.jsonl --model {m}",
     "evaluate {m} --prompts {p} --clip {m} --out {m}/eval",
+    "export {d} --out {d}/exported",
+    "export {d} --model {m} --out {m}",
 ])
 def test_cli_refuses_an_output_on_an_input_and_leaves_it_untouched(argv, tmp_path, capsys):
     m = _fake_model(tmp_path)
