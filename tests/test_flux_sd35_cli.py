@@ -1,5 +1,5 @@
 """FLUX.1 [dev] / [schnell] and SD3.5 medium / large from the command line on tiny models:
-degrade -> prepare -> train (DDSPO and Diffusion-DPO, LoRA and full) -> load the output in
+degrade -> prepare -> train -> export (DDSPO and Diffusion-DPO, LoRA and full) -> load the output in
 the family's own pipeline -> one image; and a precomputed reference cache trains exactly
 as the live reference does."""
 
@@ -68,12 +68,16 @@ def test_degrade_prepare_train_load_generate(name, degraded, tmp_path, capsys):
 
     for objective, rank in runs:
         out = tmp_path / f"{objective}-{rank}"
-        metrics = _train(model, ds, out, objective, rank)
+        metrics = _train(model, ds, out, objective, rank, "--checkpoint-every", "2")
         err = capsys.readouterr().err
+        # what users load: the run's checkpoint exported (a model card beside the weights)
+        exported = tmp_path / f"export-{objective}-{rank}"
+        assert cli.main(["export", str(out), "--out", str(exported)]) == 0
+        assert (exported / "README.md").is_file()
         assert f"ddspo-fast train: {a.describe()} {objective}" in err
         assert metrics[-1]["step"] == 2 and metrics[-1]["loss"] > 0
         if rank is None:  # full fine-tune: a complete pipeline
-            pipe = DiffusionPipeline.from_pretrained(str(out))
+            pipe = DiffusionPipeline.from_pretrained(str(exported))
         else:  # LoRA: the family pipeline's own loader, and it changes the denoiser
             pipe = DiffusionPipeline.from_pretrained(model)
             x = torch.randn(1, *a.latent_shape())
@@ -82,7 +86,7 @@ def test_degrade_prepare_train_load_generate(name, degraded, tmp_path, capsys):
             cond = {k: (v.float() if v.is_floating_point() else v) for k, v in cond.items()}
             with torch.no_grad():
                 base = a.predict(pipe.transformer, x, t, cond)
-                pipe.load_lora_weights(str(out))
+                pipe.load_lora_weights(str(exported))
                 tuned = a.predict(pipe.transformer, x, t, cond)
             assert not torch.allclose(base, tuned)
         assert type(pipe).__name__ == pipe_cls

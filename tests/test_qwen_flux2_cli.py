@@ -1,5 +1,5 @@
 """Qwen-Image, FLUX.2 [dev] and FLUX.2 [klein] from the command line on tiny models:
-degrade -> prepare -> train (DDSPO and Diffusion-DPO, LoRA and full) -> load the output in
+degrade -> prepare -> train -> export (DDSPO and Diffusion-DPO, LoRA and full) -> load the output in
 the family's own pipeline -> one image; and a precomputed reference cache trains exactly
 as the live reference does."""
 
@@ -76,14 +76,18 @@ def test_degrade_prepare_train_load_generate(name, degraded, tmp_path, capsys):
 
     for objective, rank in runs:
         out = tmp_path / f"{objective}-{rank}"
-        metrics = _train(model, ds, out, objective, rank)
+        metrics = _train(model, ds, out, objective, rank, "--checkpoint-every", "2")
         err = capsys.readouterr().err
+        # what users load: the run's checkpoint exported (a model card beside the weights)
+        exported = tmp_path / f"export-{objective}-{rank}"
+        assert cli.main(["export", str(out), "--out", str(exported)]) == 0
+        assert (exported / "README.md").is_file()
         assert f"ddspo-fast train: {a.describe()} {objective}" in err
         assert metrics[-1]["step"] == 2 and metrics[-1]["loss"] > 0
         # the early signs of a collapse are in every record
         assert {"saturated_frac", "margin_max", "drift_w", "drift_l"} <= set(metrics[-1])
         if rank is None:  # full fine-tune: a complete pipeline
-            pipe = DiffusionPipeline.from_pretrained(str(out))
+            pipe = DiffusionPipeline.from_pretrained(str(exported))
         else:  # LoRA: the family pipeline's own loader, and it changes the denoiser
             pipe = DiffusionPipeline.from_pretrained(model)
             x = torch.randn(1, *a.latent_shape())
@@ -92,7 +96,7 @@ def test_degrade_prepare_train_load_generate(name, degraded, tmp_path, capsys):
             cond = {k: (v.float() if v.is_floating_point() else v) for k, v in cond.items()}
             with torch.no_grad():
                 base = a.predict(pipe.transformer, x, t, cond)
-                pipe.load_lora_weights(str(out))
+                pipe.load_lora_weights(str(exported))
                 tuned = a.predict(pipe.transformer, x, t, cond)
             assert not torch.allclose(base, tuned)
         assert type(pipe).__name__ == pipe_cls
