@@ -97,6 +97,7 @@ class Measured:
     skipped_steps: int = 0
     error: Optional[str] = None
     channels_last_after: Optional[bool] = None   # conv weights' layout after the timed steps
+    live_settings: Optional[dict] = None  # the step's facts() as built (what really runs)
 
 
 @dataclass
@@ -137,6 +138,8 @@ def run_interleaved(entries: list, batch: dict, device: torch.device, *, warmup:
 
     def first_touch(e: Entry, step) -> None:
         nonlocal useful
+        if e.m.live_settings is None and hasattr(step, "facts"):
+            e.m.live_settings = step.facts()
         for _ in range(warmup):
             loss = step(batch)
             if e.m.first_loss is None:

@@ -48,6 +48,9 @@ DEFINITIONS = {
                         "ratio on one device says nothing about another",
     "effect_here": "rungs: faster / slower than the base rung on this device when the two "
                    "p20-p80 ranges do not overlap, else within noise",
+    "live_settings": "the settings read back from the live step objects after they were "
+                     "built (autocast dtype / accelerate's mixed_precision, optimizer class, "
+                     "checkpointing, layout, compilation), not from the config",
     "carries_slower_here": f"{TUNED_ROW}: the rungs in its settings that were slower than "
                            "their base rung on this device",
     "denoiser_rows_per_pair": "rows the denoiser modules' forward calls received in one "
@@ -160,7 +163,8 @@ def build_rows(spec: Spec, rungs, entries: dict, useful, batch: int, peak, *,
         out.update(error=m.error, peak_mem_gb=sig(m.peak_mem_gb), first_loss=m.first_loss,
                    loss=m.loss, loss_finite=m.loss is not None and math.isfinite(m.loss),
                    skipped_optimizer_steps=m.skipped_steps,
-                   conv_weights_channels_last_after_steps=m.channels_last_after)
+                   conv_weights_channels_last_after_steps=m.channels_last_after,
+                   live_settings=m.live_settings)
         return out, ms
 
     p50, qs, effects = {}, {}, {}
@@ -264,7 +268,9 @@ def here_text(r: dict) -> str:
     return "; ".join(bits) or "-"
 
 
-def format_table(rows) -> str:
+def format_table(rows, *, drop_empty: bool = False) -> str:
+    """The rows as a pipe table (Markdown); `drop_empty` leaves out the columns with
+    nothing in any row (a CPU run's peak memory and MFU)."""
     head = ["family", "#", "row", "computes in", "rows/pair", "step ms p50 (p20-p80)",
             "update ms", "pairs/s", "peak GB", "MFU useful", "MFU hw", "vs base",
             "vs official", "here"]
@@ -286,6 +292,9 @@ def format_table(rows) -> str:
                          ".2f"),
                      vs_official_text(r) + (f"  ({status})" if status else ""),
                      here_text(r)])
+    if drop_empty:
+        keep = [i for i in range(len(head)) if any(b[i] != "-" for b in body)]
+        head, body = [head[i] for i in keep], [[b[i] for i in keep] for b in body]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
