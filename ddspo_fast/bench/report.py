@@ -207,8 +207,9 @@ def build_rows(spec: Spec, rungs, entries: dict, useful, batch: int, peak, *,
                "config": dict(config.to_dict(), reference_cache=cached),
                "same_settings_rung": same, "skipped": None, **described(config)}
         if name == TUNED_ROW:
-            path = [r for r in rungs[1:] if r.index <= (same if same is not None else -1)
-                    and r.skipped in (None, lad.NOT_SELECTED)]
+            top = lad.tuned(rungs).index
+            path = [r for r in rungs[1:]
+                    if r.index <= top and r.skipped in (None, lad.NOT_SELECTED)]
             row["carries_device_dependent"] = [r.name for r in path
                                                if r.name in lad.DEVICE_DEPENDENT]
             row["carries_slower_here"] = [r.name for r in path
