@@ -270,3 +270,31 @@ def test_out_of_memory_is_a_row_not_a_crash(mode):
     rows = report.build_rows(spec, rungs, {"official": oom}, None, 2, None)
     assert rows[0]["error"] == "out of memory" and rows[0]["pairs_per_s"] is None
     assert "out of memory" in report.format_table(rows)
+
+
+def test_committed_cpu_results_compare_like_with_like():
+    """The committed CPU ladder (benchmarks/results/step-cpu-tiny.json, which the README
+    quotes): no official rung ran fp16 on the CPU, and every ratio against it from a row
+    that computes in another dtype says so."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "step-cpu-tiny.json"
+    res = json.loads(path.read_text())
+    assert res["device_type"] == "cpu" and res["cpu_model"]
+    assert res["load_average"] and isinstance(res["measured_under_load"], bool)
+    official = [r for r in res["rows"] if r["name"] == "official"]
+    assert official and all(r["config"]["precision"] == "fp32" and r["computes_in"] == "fp32"
+                            for r in official)
+    for fam, p in res["official_precision"].items():
+        assert p["runs"] == "fp32" and (p["note"] is not None) == (p["script"] != "fp32"), fam
+    compared = [r for r in res["rows"] if r.get("vs_official") is not None]
+    assert compared
+    for r in compared:
+        assert r["same_precision_as_official"] == (r["computes_in"] == "fp32"), r["name"]
+        if not r["same_precision_as_official"]:
+            assert r["computes_in"] in r["precision_note"], r["name"]
+    for r in res["rows"]:
+        if r["rung"] is not None:
+            assert ("device_dependent" in r
+                    and bool(r["device_dependent"]) == (r["name"] in ("channels_last", "bf16",
+                                                                      "adamw8bit", "compile")))
