@@ -37,12 +37,74 @@ def test_official_rungs_follow_the_official_scripts():
     assert (sana.precision, sana.lora_rank, sana.lora_targets) == ("fp32", 128, ("to_k", "to_q", "to_v"))
 
 
+def test_official_rung_runs_the_precision_the_script_runs_on_the_device():
+    # GPU: the scripts' --mixed_precision; CPU: accelerate gives no fp16 autocast and no
+    # GradScaler there, so the recipe runs only as --mixed_precision no (fp32), and says so
+    for fam, script in (("sd15", "fp16-scaler"), ("sdxl", "fp16-scaler"),
+                        ("sd3", "fp16-scaler-fp32-frozen"), ("sana", "fp32")):
+        gpu, cpu = lad.official_precision(fam, "cuda"), lad.official_precision(fam, "cpu")
+        assert gpu == {"script": script, "runs": script, "note": None}
+        assert (cpu["script"], cpu["runs"]) == (script, "fp32")
+        assert (cpu["note"] is None) == (script == "fp32")
+        assert lad.official(fam, device_type="cuda").precision == script
+        assert lad.official(fam, device_type="cpu").precision == "fp32"
+        assert _ladder(fam, device_type="cpu")[0].config.precision == "fp32"
+        # only the precision differs between the two renderings
+        assert _diff(lad.official(fam, device_type="cuda"),
+                     lad.official(fam, device_type="cpu")) == ({"precision"} if script != "fp32"
+                                                               else set())
+    assert "GradScaler" in lad.official_precision("sd15", "cpu")["note"]
+    # the scripts' optimizer-step rate: batch x gradient accumulation
+    assert lad.OFFICIAL_PAIRS_PER_UPDATE == {"sd15": 128, "sdxl": 512, "sd3": 1024, "sana": 1024}
+
+
+def test_structural_rungs_come_first_and_device_dependent_ones_are_marked():
+    names = [c.name for c in lad.CHANGES]
+    dependent = set(lad.DEVICE_DEPENDENT)
+    assert {"bf16", "channels_last"} <= dependent
+    assert not {"no_checkpointing", "3_reference_rows", "fused_loss"} & dependent
+    # every change that removes work comes before the first device-dependent one, so on
+    # a CPU those rungs all run at the official (fp32) precision
+    first = min(names.index(n) for n in dependent)
+    assert all(names.index(n) < first for n in ("no_checkpointing", "3_reference_rows",
+                                                "fused_loss"))
+    for fam in ("sd15", "sdxl", "sd3", "sana"):
+        by = {r.name: r for r in _ladder(fam, device_type="cpu")}
+        assert by["fused_loss"].config.precision == "fp32"
+        assert by["bf16"].to_dict()["device_dependent"]
+        assert by["fused_loss"].to_dict()["device_dependent"] is None
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sana"])
-def test_each_rung_changes_exactly_what_it_names(family):
-    rungs = _ladder(family)
+def test_library_defaults_are_a_rung_and_tuned_is_the_last_but_compile(family, device_type):
+    is_unet = family in ("sd15", "sdxl")
+    d = lad.library_defaults(family, device_type, is_unet=is_unet)
+    assert d.precision == ("fp32" if device_type == "cpu" else "bf16")
+    assert (d.optimizer, d.gradient_checkpointing, d.compile) == ("adamw", False, False)
+    assert d.channels_last == is_unet and (d.reference_rows, d.loss) == (3, "fused")
+    assert (d.lora_rank, d.lora_targets) == (lad.official(family).lora_rank,
+                                             lad.official(family).lora_targets)
+    rungs = _ladder(family, device_type=device_type)
+    same = [r.name for r in rungs if r.skipped is None and r.config == d]
+    if device_type == "cuda":
+        assert same == ["bf16"]
+    else:   # fp32; channels_last is the last change that applies to a UNet
+        assert same == (["channels_last"] if is_unet else ["fused_loss"])
+    assert lad.tuned(rungs).name == "adamw8bit"
+    # bitsandbytes missing: the tuned settings stop at the last rung that runs
+    assert lad.tuned(_ladder(family, device_type=device_type,
+                             bnb_missing=lambda: "no bnb")).name == "bf16"
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sana"])
+def test_each_rung_changes_exactly_what_it_names(family, device_type):
+    rungs = _ladder(family, device_type=device_type)
     assert [r.name for r in rungs] == list(lad.RUNG_NAMES)
     assert [r.index for r in rungs] == list(range(len(rungs)))
-    assert rungs[0].config == lad.official(family) and rungs[0].skipped is None
+    assert rungs[0].config == lad.official(family, device_type=device_type)
+    assert rungs[0].skipped is None
     last_measured = 0
     for r in rungs[1:]:
         base = rungs[r.base]
@@ -82,7 +144,7 @@ def test_missing_bitsandbytes_skips_only_its_rung():
     by = {r.name: r for r in rungs}
     assert by["adamw8bit"].skipped == "bitsandbytes is not installed"
     # later rungs build on the last measured rung: they keep fp32 AdamW
-    assert by["channels_last"].base == by["bf16"].index
+    assert by["compile"].base == by["bf16"].index
     assert all(r.config.optimizer == "adamw" for r in rungs if r.skipped is None)
 
 
@@ -103,11 +165,12 @@ def test_pinned_optimizer_holds_every_rung():
 
 
 def test_selected_rungs_keep_the_changes_of_the_others():
-    rungs = _ladder("sd15", only={"official", "fused_loss"})
+    rungs = _ladder("sd15", only={"official", "bf16"})
     by = {r.name: r for r in rungs}
-    assert by["bf16"].skipped == "not selected (--rungs)"
-    assert by["fused_loss"].skipped is None
-    assert by["fused_loss"].config.precision == "bf16"      # not-selected changes apply
+    assert by["channels_last"].skipped == "not selected (--rungs)"
+    assert by["bf16"].skipped is None
+    assert by["bf16"].config.channels_last                  # not-selected changes apply
+    assert lad.tuned(rungs).name == "adamw8bit"             # and count for the tuned row
 
 
 # ------------------------------------------------------------ the live steps

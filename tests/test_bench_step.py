@@ -65,35 +65,72 @@ def test_tiny_cpu_run_json(tmp_path):
     assert res["device"].startswith("CPU") and res["torch"] == torch.__version__
     assert res["ddspo_fast"] and res["command"].startswith("ddspo-fast bench step --tiny")
     assert set(res["definitions"]) >= {"tflop_useful_per_step", "mfu_useful", "step_ms"}
+    assert res["cpu_model"] and res["logical_cores"] >= 1
+    assert res["load_average"][0]["before"] == "start" and res["load_average"][-1]["before"] == "end"
+    assert isinstance(res["measured_under_load"], bool)
+    # the official rung runs fp32 on a CPU (the script's fp16 cannot run there) and says so
+    assert res["official_precision"]["sd15"]["script"] == "fp16-scaler"
+    assert res["official_precision"]["sd15"]["runs"] == "fp32"
+    assert "GradScaler" in res["official_precision"]["sd15"]["note"]
+    assert res["official_precision"]["sana"] == {"script": "fp32", "runs": "fp32", "note": None}
+    assert res["official_pairs_per_update"] == {"sd15": 128, "sana": 1024}
     for fam in ("sd15", "sana"):
         rows = [r for r in res["rows"] if r["family"] == fam]
-        assert [r["name"] for r in rows] == list(RUNG_NAMES) + ["ddspo_fast",
-                                                                 "ddspo_fast+refcache"]
+        assert [r["name"] for r in rows] == list(RUNG_NAMES) + list(report.LIBRARY_ROWS)
         by = {r["name"]: r for r in rows}
         measured = [r for r in rows if not r["skipped"]]
         assert {r["name"] for r in measured} == {"official", "3_reference_rows", "fused_loss",
-                                                 "ddspo_fast", "ddspo_fast+refcache"}
+                                                 *report.LIBRARY_ROWS}
         for r in measured:
             assert r["pairs_per_s"] > 0 and r["batch"] == 2 and r["timed_steps"] == 2
             q = r["step_ms"]
             assert 0 < q["p20"] <= q["p50"] <= q["p80"]
             assert r["mfu_useful"] is None and r["peak_mem_gb"] is None   # CPU: see notes
             assert r["loss_finite"] and r["error"] is None
+            # the optimizer step, timed apart, is charged per pair at the recipe's rate:
+            # 2 of 128 (sd15) or 1024 (sana) pairs, so the charged step is shorter
+            assert r["pairs_per_update"] == res["official_pairs_per_update"][fam]
+            assert r["update_ms"]["p50"] > 0
+            assert q["p50"] < r["step_ms_one_update"]["p50"]
+        # no row compares across precisions without saying so
+        for r in rows:
+            if r.get("vs_official") is None:
+                continue
+            assert r["same_precision_as_official"] == (r["computes_in"] == "fp32")
+            if not r["same_precision_as_official"]:
+                assert r["computes_in"] in r["precision_note"] and "fp32" in r["precision_note"]
+        # what ran, read back from the live objects: the official rung without autocast or
+        # a GradScaler, the library's defaults with accelerate's "no" (fp32)
+        assert by["official"]["live_settings"]["autocast"] is None
+        assert not by["official"]["live_settings"]["grad_scaler"]
+        assert by["official"]["computes_in"] == "fp32"
+        defaults, tuned = by[report.DEFAULTS_ROW], by[report.TUNED_ROW]
+        assert defaults["live_settings"]["mixed_precision"] == "no"
+        assert defaults["same_precision_as_official"] and defaults["vs_official"] > 0
+        assert defaults["config"]["channels_last"] == (fam == "sd15")
+        # the tuned row carries bf16 (and 8-bit AdamW); on a CPU it computes in bf16 and
+        # its vs_official says so
+        assert tuned["live_settings"]["mixed_precision"] == "bf16"
+        assert "bf16" in tuned["carries_device_dependent"]
+        assert tuned["same_precision_as_official"] is False
+        assert isinstance(tuned["carries_slower_here"], list)
         # rows counted at the modules: 2 policy + 4 reference, then 2 + 3
         assert by["official"]["denoiser_rows_per_pair"] == 6
         assert by["3_reference_rows"]["denoiser_rows_per_pair"] == 5
         assert by["fused_loss"]["denoiser_rows_per_pair"] == 5
-        assert by["ddspo_fast"]["denoiser_rows_per_pair"] == 5
+        assert defaults["denoiser_rows_per_pair"] == 5
+        assert by["3_reference_rows"]["effect_here"] in ("faster", "slower", "within noise")
         # the cached step runs the policy alone: 2 rows per pair, counted
-        cached, live = by["ddspo_fast+refcache"], by["ddspo_fast"]
+        cached, live = by[report.CACHED_ROW], defaults
         assert cached["denoiser_rows_per_pair"] == 2
         assert cached["config"]["reference_cache"] and not live["config"]["reference_cache"]
-        # same batch, same draws, same start: the first steps agree to float rounding (the
-        # cached reference outputs come from another call, in bf16 on this CPU); after
-        # that AdamW, which moves a weight by ~lr whatever its gradient's size, lets
-        # rounding differences grow, so later losses only stay close
-        # (the policy starts as the reference: ln 2 up to that rounding; sd3 in bf16 shows
-        # 1e-3 relative, a wrong draw's reference would be off by orders more)
+        assert cached["same_precision_as_official"]
+        # same batch, same draws, same start, same settings: the first steps agree to float
+        # rounding (the cached reference outputs come from another call); after that AdamW,
+        # which moves a weight by ~lr whatever its gradient's size, lets rounding
+        # differences grow, so later losses only stay close (the policy starts as the
+        # reference: ln 2 up to that rounding; a wrong draw's reference would be off by
+        # orders more)
         assert cached["first_loss"] == pytest.approx(live["first_loss"], rel=1e-2)
         assert cached["loss"] == pytest.approx(live["loss"], rel=0.1)
         assert cached["vs_live"] == pytest.approx(
@@ -123,6 +160,61 @@ def test_tiny_cpu_run_json(tmp_path):
     assert any("mfu is null" in n for n in res["notes"])
     # the run turns TF32 off for every row and restores the flags afterwards
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
+
+
+def _fake_measured(times_ms, update_ms):
+    m = measure.Measured()
+    m.times = [t / 1e3 for t in times_ms]
+    m.update_times = [u / 1e3 for u in update_ms]
+    m.loss = m.first_loss = 0.69
+    return m
+
+
+def test_cpu_table_names_every_precision_it_compares():
+    """A CPU ladder with fake timings: every ratio against the (fp32) official rung that
+    comes from a bf16 row names both precisions, in the JSON row and in the table; the
+    defaults row, fp32 like the official rung, carries no such note; a rung slower than its
+    base shows as such in its row and in the tuned row that carries it."""
+    from ddspo_fast.bench import ladder as lad
+
+    rungs = lad.build_ladder("sd15", is_unet=True, device_type="cpu", bnb_missing=lambda: None,
+                             compile_missing="left out")
+    by = {r.name: r for r in rungs}
+    ms = {"official": 100, "3_reference_rows": 90, "fused_loss": 88, "channels_last": 120,
+          "bf16": 400, "adamw8bit": 401}
+    entries = {n: measure.Entry(n, None, _fake_measured([v, v + 1, v + 2], [10, 10, 10]))
+               for n, v in ms.items()}
+    d = lad.library_defaults("sd15", "cpu", is_unet=True)
+    entries[report.DEFAULTS_ROW] = measure.Entry("d", None, _fake_measured([119, 120, 121],
+                                                                           [10, 10, 10]))
+    entries[report.TUNED_ROW] = measure.Entry("t", None, _fake_measured([409, 410, 411],
+                                                                        [10, 10, 10]))
+    library = {report.DEFAULTS_ROW: (d, by["channels_last"].index),
+               report.TUNED_ROW: (lad.tuned(rungs).config, lad.tuned(rungs).index)}
+    rows = report.build_rows(archs.TINY["sd15"], rungs, entries, None, 8, None,
+                             pairs_per_update=128, library=library)
+    got = {r["name"]: r for r in rows}
+    # charged at 8 of 128 pairs: 100 - 10 + 10 * 8/128 ms
+    assert got["official"]["step_ms"]["p50"] == pytest.approx(101 - 10 + 10 / 16, rel=1e-3)
+    assert got["official"]["step_ms_one_update"]["p50"] == pytest.approx(101)
+    assert got["channels_last"]["effect_here"] == "slower"
+    assert got["3_reference_rows"]["effect_here"] == "faster"
+    tuned = got[report.TUNED_ROW]
+    assert tuned["carries_slower_here"] == ["channels_last", "bf16"]
+    assert tuned["carries_device_dependent"] == ["channels_last", "bf16", "adamw8bit"]
+    table = report.format_table(rows)
+    for r in rows:
+        if r.get("vs_official") is None:
+            continue
+        line = next(x for x in table.splitlines() if f"| {r['name']} " in x)
+        if r["computes_in"] == "fp32":
+            assert r["same_precision_as_official"] and "vs fp32" not in line
+        else:
+            assert not r["same_precision_as_official"] and "(bf16 vs fp32)" in line
+    assert got[report.DEFAULTS_ROW]["same_precision_as_official"]
+    assert "carries slower here: channels_last, bf16" in table
+    assert report.amortised([1.0], [None], 8, 128) == [1.0]     # no update time: as timed
+    assert report.amortised([1.0], [0.5], 8, None) == [1.0]     # --updates every-step
 
 
 def test_flop_count_of_grouped_conv_backward():
@@ -173,7 +265,36 @@ def test_out_of_memory_is_a_row_not_a_crash(mode):
     spec = archs.TINY["sd15"]
     from ddspo_fast.bench.ladder import build_ladder
 
-    rungs = build_ladder("sd15", is_unet=True, only={"official"}, bnb_missing=lambda: None)
+    rungs = build_ladder("sd15", is_unet=True, only={"official"}, bnb_missing=lambda: None,
+                         device_type="cpu")
     rows = report.build_rows(spec, rungs, {"official": oom}, None, 2, None)
     assert rows[0]["error"] == "out of memory" and rows[0]["pairs_per_s"] is None
     assert "out of memory" in report.format_table(rows)
+
+
+def test_committed_cpu_results_compare_like_with_like():
+    """The committed CPU ladder (benchmarks/results/step-cpu-tiny.json, which the README
+    quotes): no official rung ran fp16 on the CPU, and every ratio against it from a row
+    that computes in another dtype says so."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "step-cpu-tiny.json"
+    res = json.loads(path.read_text())
+    assert res["device_type"] == "cpu" and res["cpu_model"]
+    assert res["load_average"] and isinstance(res["measured_under_load"], bool)
+    official = [r for r in res["rows"] if r["name"] == "official"]
+    assert official and all(r["config"]["precision"] == "fp32" and r["computes_in"] == "fp32"
+                            for r in official)
+    for fam, p in res["official_precision"].items():
+        assert p["runs"] == "fp32" and (p["note"] is not None) == (p["script"] != "fp32"), fam
+    compared = [r for r in res["rows"] if r.get("vs_official") is not None]
+    assert compared
+    for r in compared:
+        assert r["same_precision_as_official"] == (r["computes_in"] == "fp32"), r["name"]
+        if not r["same_precision_as_official"]:
+            assert r["computes_in"] in r["precision_note"], r["name"]
+    for r in res["rows"]:
+        if r["rung"] is not None:
+            assert ("device_dependent" in r
+                    and bool(r["device_dependent"]) == (r["name"] in ("channels_last", "bf16",
+                                                                      "adamw8bit", "compile")))

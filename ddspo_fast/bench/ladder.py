@@ -27,6 +27,17 @@ ddspo/train.py, ddspo/adapters/*.py), read for these facts:
   ``ref([x_w|c ; x_l|c])`` for ref_pred: 4 reference rows + 2 policy rows per pair.
 * loss: the script-form block (`ddspo_fast.bench.script_loss`), gradient clipping at 1.0.
 * TF32: off (no script passes ``--allow_tf32``); every rung keeps it off.
+* optimizer steps: one per ``--train_batch_size`` x ``--gradient_accumulation_steps``
+  pairs: 8 x 16 = 128 (SD1.x), 8 x 64 = 512 (SDXL), 4 x 256 = 1024 (SD3, SANA); the
+  clipping and the optimizer step run once per accumulation (``accelerator.sync_gradients``).
+
+On a CPU the fp16 recipes cannot run as written: accelerate (1.x) gives neither fp16
+autocast nor a GradScaler on the CPU (``Accelerator.native_amp`` stays False) while
+``ddspo/train.py`` still takes ``weight_dtype = fp16`` from ``accelerator.mixed_precision``
+and the adapters cast the latents and the frozen models to it, so fp16 latents meet the
+fp32 policy and the first convolution / linear layer fails on the dtype mismatch. A CPU
+runs the recipe only as ``--mixed_precision no``: fp32 everywhere. `official` gives that
+rendering for ``device_type="cpu"`` and says so (`official_precision`).
 """
 
 from __future__ import annotations
@@ -95,21 +106,45 @@ class StepConfig:
         return d
 
 
-def official(family: str, lora_rank: int = 128) -> StepConfig:
-    """Rung 0: the official DDSPO recipe of `family` (see the module doc for sources)."""
+# The precision each official script asks for (--mixed_precision) as a PRECISIONS key.
+_SCRIPT_PRECISION = {"sd15": "fp16-scaler", "sdxl": "fp16-scaler",
+                     "sd3": "fp16-scaler-fp32-frozen", "sana": "fp32"}
+CPU_FP16_NOTE = ("the official script's --mixed_precision fp16 does not run on a CPU: "
+                 "accelerate gives no fp16 autocast and no GradScaler there while the script "
+                 "still casts the latents and frozen models to fp16 (fp16 latents into the "
+                 "fp32 policy fail); the CPU rendering of the recipe is --mixed_precision no "
+                 "(fp32), which this rung runs")
+
+
+def official_precision(family: str, device_type: str) -> dict:
+    """What precision the official recipe of `family` asks for, what rung 0 runs on
+    `device_type`, and why they differ (None when they do not)."""
+    if family not in _SCRIPT_PRECISION:
+        raise ValueError(f"family: expected one of {', '.join(_SCRIPT_PRECISION)}, got {family!r}")
+    script = _SCRIPT_PRECISION[family]
+    runs = "fp32" if device_type == "cpu" else script
+    return {"script": script, "runs": runs,
+            "note": CPU_FP16_NOTE if runs != script else None}
+
+
+def official(family: str, lora_rank: int = 128, device_type: str = "cuda") -> StepConfig:
+    """Rung 0: the official DDSPO recipe of `family` as it runs on `device_type` (see the
+    module doc for sources; on a CPU the fp16 recipes run in fp32, `official_precision`)."""
     common = dict(optimizer="adamw", channels_last=False, reference_rows=4, loss="script",
-                  compile=False)
-    if family == "sd15":
-        return StepConfig(precision="fp16-scaler", gradient_checkpointing=False, **common)
-    if family == "sdxl":
-        return StepConfig(precision="fp16-scaler", gradient_checkpointing=True, **common)
+                  compile=False, precision=official_precision(family, device_type)["runs"])
+    if family in ("sd15", "sdxl"):
+        return StepConfig(gradient_checkpointing=family == "sdxl", **common)
     if family == "sd3":
-        return StepConfig(precision="fp16-scaler-fp32-frozen", gradient_checkpointing=False,
-                          lora_rank=lora_rank, lora_targets=_SD3_LORA, **common)
-    if family == "sana":
-        return StepConfig(precision="fp32", gradient_checkpointing=False, lora_rank=lora_rank,
-                          lora_targets=_SANA_LORA, **common)
-    raise ValueError(f"family: expected one of sd15, sdxl, sd3, sana, got {family!r}")
+        return StepConfig(gradient_checkpointing=False, lora_rank=lora_rank,
+                          lora_targets=_SD3_LORA, **common)
+    return StepConfig(gradient_checkpointing=False, lora_rank=lora_rank,
+                      lora_targets=_SANA_LORA, **common)
+
+
+# Pairs per optimizer step in the official scripts: --train_batch_size x
+# --gradient_accumulation_steps (scripts/train_ddspo.sh GA=16 / 64, train_ddspo_sd3.sh and
+# train_ddspo_sana.sh 256). Every row is charged its optimizer step per pair at this rate.
+OFFICIAL_PAIRS_PER_UPDATE = {"sd15": 8 * 16, "sdxl": 8 * 64, "sd3": 4 * 256, "sana": 4 * 256}
 
 
 OFFICIAL_SOURCE = {
@@ -130,24 +165,37 @@ class Change:
     field: str
     value: object
     adds: str
+    # Why its speed-up depends on the device (None: it removes work wherever it runs).
+    device_dependent: Optional[str] = None
 
 
-# The ladder's order: cheapest-to-adopt first, as a user would switch them on.
+# The ladder's order: first the changes that remove work on any device (checkpointing's
+# recompute, a reference row, the loss block's passes), all at the official precision,
+# so their gain reads off at equal precision; then the ones whose gain depends on the
+# device's kernels, channels_last before bf16 so that the library's defaults are a rung
+# (CPU: fp32 + channels_last; GPU: + bf16).
 CHANGES = (
-    Change("bf16", "precision", "bf16", "bf16 autocast without a GradScaler, frozen weights "
-                                        "stored in bf16"),
-    Change("adamw8bit", "optimizer", "adamw8bit", "8-bit AdamW states (bitsandbytes)"),
     Change("no_checkpointing", "gradient_checkpointing", False,
            "gradient checkpointing off (no recomputed forward in the backward)"),
-    Change("channels_last", "channels_last", True, "channels_last memory format (UNet "
-                                                   "convolutions)"),
     Change("3_reference_rows", "reference_rows", 3,
            "one reference call on [x_w|c ; x_l|c ; x_l|c-]: 3 reference rows per pair "
            "instead of 4 (5 denoiser rows instead of 6)"),
     Change("fused_loss", "loss", "fused", "the library loss on the stacked reference output "
                                           "instead of the script-form block"),
-    Change("compile", "compile", True, "torch.compile of the denoiser (policy and reference)"),
+    Change("channels_last", "channels_last", True, "channels_last memory format (UNet "
+                                                   "convolutions)",
+           "memory layout: the gain depends on the device's convolution kernels (it differs "
+           "between CPUs, and between a CPU and a GPU)"),
+    Change("bf16", "precision", "bf16", "bf16 autocast without a GradScaler, frozen weights "
+                                        "stored in bf16",
+           "precision: 16-bit autocast is the fast path on a GPU and usually slower than fp32 "
+           "on a CPU; its CPU ratio says nothing about a GPU"),
+    Change("adamw8bit", "optimizer", "adamw8bit", "8-bit AdamW states (bitsandbytes)",
+           "bitsandbytes runs different kernels on a CPU and a GPU"),
+    Change("compile", "compile", True, "torch.compile of the denoiser (policy and reference)",
+           "inductor generates C++ on a CPU and Triton on a GPU"),
 )
+DEVICE_DEPENDENT = {c.name: c.device_dependent for c in CHANGES if c.device_dependent}
 # The reference cache is not a rung: the script-form step has no cache reader. The library
 # rows after the ladder measure it (bench/report.py: ddspo_fast and ddspo_fast+refcache).
 RUNG_NAMES = ("official",) + tuple(c.name for c in CHANGES)
@@ -166,7 +214,40 @@ class Rung:
     def to_dict(self) -> dict:
         return {"rung": self.index, "name": self.name, "adds": self.adds,
                 "changes": self.changes, "base_rung": self.base,
+                "device_dependent": DEVICE_DEPENDENT.get(self.name),
                 "config": self.config.to_dict(), "skipped": self.skipped}
+
+
+NOT_SELECTED = "not selected (--rungs)"
+
+
+def tuned(rungs: list) -> Rung:
+    """The rung whose settings the library's tuned row uses: every change of the ladder
+    that applies here but compile (a rung not selected with --rungs still applies; one
+    that cannot run here does not)."""
+    out = rungs[0]
+    for r in rungs[1:]:
+        if r.name != "compile" and r.skipped in (None, NOT_SELECTED):
+            out = r
+    return out
+
+
+def library_defaults(family: str, device_type: str, *, is_unet: bool,
+                     lora_rank: int = 128) -> StepConfig:
+    """The library's own defaults on `device_type` (TrainConfig's defaults, with
+    mixed_precision="auto" resolved for the device) as a StepConfig, on the family's
+    official task (full fine-tune, or its LoRA rank and targets) so the row trains what
+    the official recipe trains."""
+    from ..train import TrainConfig
+
+    d = TrainConfig()
+    mp = d.resolved_mixed_precision(device_type)
+    return dataclasses.replace(
+        official(family, lora_rank, device_type),
+        precision={"no": "fp32", "bf16": "bf16", "fp16": "fp16-scaler"}[mp],
+        optimizer=d.optimizer, gradient_checkpointing=d.gradient_checkpointing,
+        channels_last=bool(d.channels_last and is_unet), compile=d.compile,
+        reference_rows=3, loss="fused")
 
 
 def bitsandbytes_missing() -> Optional[str]:
@@ -181,20 +262,21 @@ def bitsandbytes_missing() -> Optional[str]:
 
 
 def build_ladder(family: str, *, is_unet: bool, lora_rank: int = 128,
-                 pin_optimizer: Optional[str] = None, only: Optional[set] = None,
+                 device_type: str = "cuda", pin_optimizer: Optional[str] = None, only: Optional[set] = None,
                  compile_missing: Optional[str] = None,
                  bnb_missing: Callable[[], Optional[str]] = bitsandbytes_missing) -> list[Rung]:
     """The rungs of `family`. `pin_optimizer` holds every rung at one optimizer (the
     optimizer rung is then skipped); `only` keeps the named rungs measured and marks the
     rest skipped (their changes still apply, so the measured ones keep their meaning);
-    `compile_missing` is the reason the compile rung is left out."""
-    base = official(family, lora_rank)
+    `compile_missing` is the reason the compile rung is left out. Rung 0 is the recipe
+    as it runs on `device_type` (a CPU runs the fp16 recipes in fp32)."""
+    base = official(family, lora_rank, device_type)
     if pin_optimizer is not None:
         if pin_optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {pin_optimizer!r}")
         base = dataclasses.replace(base, optimizer=pin_optimizer)
     rungs = [Rung(0, "official", f"the official DDSPO recipe for {family}", None, base,
-                  None if only is None or "official" in only else "not selected (--rungs)")]
+                  None if only is None or "official" in only else NOT_SELECTED)]
     base_index = 0
     for i, ch in enumerate(CHANGES, start=1):
         cfg = dataclasses.replace(base, **{ch.field: ch.value})
@@ -214,6 +296,6 @@ def build_ladder(family: str, *, is_unet: bool, lora_rank: int = 128,
             continue
         selected = only is None or ch.name in only
         rungs.append(Rung(i, ch.name, ch.adds, ch.field, cfg,
-                          None if selected else "not selected (--rungs)", base_index))
+                          None if selected else NOT_SELECTED, base_index))
         base, base_index = cfg, i
     return rungs

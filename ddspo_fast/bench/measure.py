@@ -66,10 +66,11 @@ def useful_flops(step, batch) -> float:
 
 
 # ------------------------------------------------------------ timing
-def time_steps(step, batch, device, n: int) -> tuple[list, list]:
-    """Wall times and losses of n steps, each ended by a device sync (CPU: reading the
-    loss); the losses are read after the clock stops."""
-    times, losses = [], []
+def time_steps(step, batch, device, n: int) -> tuple[list, list, list]:
+    """Wall times, optimizer-step-part times (the step's ``last_update_s``, None where it
+    has none) and losses of n steps, each ended by a device sync (CPU: reading the loss);
+    the losses are read after the clock stops."""
+    times, updates, losses = [], [], []
     for _ in range(n):
         sync(device)
         tic = time.perf_counter()
@@ -79,13 +80,15 @@ def time_steps(step, batch, device, n: int) -> tuple[list, list]:
         else:
             loss.item()
         times.append(time.perf_counter() - tic)
+        updates.append(getattr(step, "last_update_s", None))
         losses.append(float(loss))
-    return times, losses
+    return times, updates, losses
 
 
 @dataclass
 class Measured:
     times: list = field(default_factory=list)
+    update_times: list = field(default_factory=list)   # the optimizer-step part of each
     flops: Optional[float] = None        # executed per step
     rows: Optional[int] = None           # denoiser rows per step, counted
     peak_mem_gb: Optional[float] = None
@@ -94,6 +97,7 @@ class Measured:
     skipped_steps: int = 0
     error: Optional[str] = None
     channels_last_after: Optional[bool] = None   # conv weights' layout after the timed steps
+    live_settings: Optional[dict] = None  # the step's facts() as built (what really runs)
 
 
 @dataclass
@@ -134,6 +138,8 @@ def run_interleaved(entries: list, batch: dict, device: torch.device, *, warmup:
 
     def first_touch(e: Entry, step) -> None:
         nonlocal useful
+        if e.m.live_settings is None and hasattr(step, "facts"):
+            e.m.live_settings = step.facts()
         for _ in range(warmup):
             loss = step(batch)
             if e.m.first_loss is None:
@@ -145,8 +151,9 @@ def run_interleaved(entries: list, batch: dict, device: torch.device, *, warmup:
             flops, rows = count_step(step, batch)
             e.m.flops, e.m.rows = flops, rows
 
-    def record(e: Entry, times: list, losses: list) -> None:
+    def record(e: Entry, times: list, updates: list, losses: list) -> None:
         e.m.times += times
+        e.m.update_times += updates
         if e.m.first_loss is None:
             e.m.first_loss = losses[0]
         e.m.loss = losses[-1]
@@ -175,8 +182,7 @@ def run_interleaved(entries: list, batch: dict, device: torch.device, *, warmup:
         order = [live[k] for k in live]
         for i in range(steps):
             for e, step in (order if i % 2 == 0 else order[::-1]):
-                t, losses = time_steps(step, batch, device, 1)
-                record(e, t, losses)
+                record(e, *time_steps(step, batch, device, 1))
         for e, step in order:
             _after(e, step)
             step.close()
@@ -195,8 +201,7 @@ def run_interleaved(entries: list, batch: dict, device: torch.device, *, warmup:
                 first_touch(e, step)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                t, losses = time_steps(step, batch, device, k)
-                record(e, t, losses)
+                record(e, *time_steps(step, batch, device, k))
                 _after(e, step, accumulate=True)
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(device) / 2**30

@@ -7,7 +7,10 @@
   `ddspo-fast train` actually runs; with a reference cache (`precompute_reference`),
   the policy-only step of ``TrainConfig.reference_cache``.
 
-Both expose ``__call__(batch) -> loss``, ``denoisers()`` (the modules whose forward calls
+Both expose ``__call__(batch) -> loss``, ``last_update_s`` (how long the call's
+once-per-optimizer-step part took: unscaling, clipping, the optimizer step and zeroing
+the gradients, timed apart between device syncs, so the benchmark can charge it per pair
+at a recipe's accumulation), ``denoisers()`` (the modules whose forward calls
 `RowCounter` counts), ``facts()`` (the settings read back from the live objects, for the
 tests), ``reset()`` after an out-of-memory error and ``close()``.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .device import sync
 from .ladder import StepConfig
 
 class RowCounter:
@@ -125,6 +130,7 @@ class LadderStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.startswith("fp16"))
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.skipped = 0           # optimizer steps the GradScaler skipped (inf/NaN grads)
+        self.last_update_s: Optional[float] = None
 
     def _optimizer(self):
         params, lr, opt = self.trainable, self.lr, self.cfg.optimizer
@@ -195,6 +201,9 @@ class LadderStep:
     def __call__(self, batch: dict) -> torch.Tensor:
         loss = self.forward_loss(batch)
         self.scaler.scale(loss).backward()
+        # what follows runs once per optimizer step (the scripts' sync_gradients branch)
+        sync(self.device)
+        tic = time.perf_counter()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
@@ -204,6 +213,8 @@ class LadderStep:
         if before is not None and self.scaler.get_scale() < before:
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
+        sync(self.device)
+        self.last_update_s = time.perf_counter() - tic
         return loss.detach()
 
     @contextlib.contextmanager
@@ -265,21 +276,25 @@ class LadderStep:
 
 def _train_config(cfg: StepConfig, spec, model_dir: Path, data_dir: Path, output_dir: Path,
                   device: torch.device, *, beta: float, lr: float, batch_size: int,
-                  max_steps: int, seed: int, reference_cache: Optional[Path] = None):
-    """The TrainConfig of a library row: one rung's settings, TF32 off like every rung,
-    nothing written during the timed steps."""
+                  max_steps: int, seed: int, reference_cache: Optional[Path] = None,
+                  defaults: bool = False):
+    """The TrainConfig of a library row: one rung's settings (with `defaults`, the
+    library's own defaults for the speed settings instead, mixed_precision "auto"; `cfg`
+    then only gives the task: LoRA rank and targets), TF32 off like every rung, nothing
+    written during the timed steps."""
     from ..train import TrainConfig
 
     if cfg.reference_rows != 3 or cfg.loss != "fused":
         raise ValueError("TrainerStep: the library's step has 3 reference rows and the "
                          "fused loss; give it such a rung's config")
     mp = {"bf16": "bf16", "fp32": "no"}.get(cfg.precision, "fp16")
+    speed = dict(optimizer=cfg.optimizer, mixed_precision=mp,
+                 gradient_checkpointing=cfg.gradient_checkpointing,
+                 channels_last=cfg.channels_last, compile=cfg.compile)
     return TrainConfig(model=str(model_dir), data=str(data_dir), family=spec.family,
                        output_dir=str(output_dir), beta=beta, learning_rate=lr,
                        weight_decay=1e-2, batch_size=batch_size, max_steps=max_steps,
-                       optimizer=cfg.optimizer, mixed_precision=mp,
-                       gradient_checkpointing=cfg.gradient_checkpointing,
-                       channels_last=cfg.channels_last, compile=cfg.compile,
+                       **({} if defaults else speed),
                        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_rank,
                        lora_targets=list(cfg.lora_targets) if cfg.lora_targets else None,
                        allow_tf32=False, device=str(device), seed=seed, log_every=10**9,
@@ -290,50 +305,96 @@ def _train_config(cfg: StepConfig, spec, model_dir: Path, data_dir: Path, output
 
 def precompute_reference(cfg: StepConfig, spec, model_dir: Path, data_dir: Path,
                          cache_dir: Path, device: torch.device, *, beta: float, lr: float,
-                         batch_size: int, draws: int, seed: int = 0) -> dict:
+                         batch_size: int, draws: int, seed: int = 0,
+                         defaults: bool = False) -> dict:
     """`ddspo-fast precompute` of the benchmark's dataset, `draws` draws per pair, with the
     settings the cached row trains with. Returns the precompute's summary (its
     ``ms_per_pair_draw`` times the frozen networks only) plus ``wall_seconds`` (loading and
     hashing the weights included)."""
-    import time
-
     from ..train.precompute import precompute
 
     # output_dir: the cached row's (the precompute writes nothing there)
     tc = _train_config(cfg, spec, model_dir, data_dir,
                        cache_dir.parent / f"run-{spec.family}-refcache", device, beta=beta,
-                       lr=lr, batch_size=batch_size, max_steps=draws, seed=seed)
+                       lr=lr, batch_size=batch_size, max_steps=draws, seed=seed,
+                       defaults=defaults)
     tic = time.perf_counter()
     out = precompute(tc, cache_dir, draws, batch_size=batch_size, progress=False)
     out["wall_seconds"] = time.perf_counter() - tic
     return out
 
 
+class _UpdateClock:
+    """Times the once-per-optimizer-step part of a step whose code is not ours to split
+    (the Trainer's): from the start of the first wrapped `start` call to the end of the
+    wrapped `stop` call, each end bracketed by a device sync."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.t0, self.last = device, None, None
+
+    def start(self, fn):
+        def timed(*a, **k):
+            if self.t0 is None:
+                sync(self.device)
+                self.t0 = time.perf_counter()
+            return fn(*a, **k)
+        return timed
+
+    def stop(self, fn):
+        def timed(*a, **k):
+            out = fn(*a, **k)
+            if self.t0 is not None:
+                sync(self.device)
+                self.last, self.t0 = time.perf_counter() - self.t0, None
+            return out
+        return timed
+
+
 class TrainerStep:
-    """`Trainer.train_step` with the settings of one rung, on the benchmark's batch stored
-    as a dataset (`archs.write_dataset`, one batch per epoch). Step i uses draw
-    ``i mod draws`` of each pair (draws.py), so the live row and the cached row see the same
-    (t, eps) step by step (their first-step losses agree to rounding). With `reference_cache` (made by
-    `precompute_reference` with ``draws`` draws) the step runs the policy only."""
+    """`Trainer.train_step` with the settings of one rung (or, with `defaults`, the
+    library's own defaults for the device), on the benchmark's batch stored as a dataset
+    (`archs.write_dataset`, one batch per epoch). Step i uses draw ``i mod draws`` of each
+    pair (draws.py), so a live row and the cached row see the same (t, eps) step by step.
+    With `reference_cache` (made by `precompute_reference` with ``draws`` draws) the step
+    runs the policy only. The optimizer-step part (clipping through zeroing the
+    gradients) is timed apart by wrapping the Trainer's accelerator / optimizer methods."""
 
     def __init__(self, cfg: StepConfig, spec, model_dir: Path, data_dir: Path, workdir: Path,
                  device: torch.device, *, beta: float, lr: float, batch_size: int,
-                 draws: int, reference_cache: Optional[Path] = None, seed: int = 0):
+                 draws: int, reference_cache: Optional[Path] = None, seed: int = 0,
+                 defaults: bool = False, tag: str = "live"):
         from ..train import Trainer
 
-        name = "refcache" if reference_cache else "live"
-        tc = _train_config(cfg, spec, model_dir, data_dir, workdir / f"run-{spec.family}-{name}",
+        tc = _train_config(cfg, spec, model_dir, data_dir, workdir / f"run-{spec.family}-{tag}",
                            device, beta=beta, lr=lr, batch_size=batch_size,
                            max_steps=draws if reference_cache else 10**9, seed=seed,
-                           reference_cache=reference_cache)
+                           reference_cache=reference_cache, defaults=defaults)
         self.cfg, self.draws, self.calls = cfg, draws, 0
-        self.trainer = Trainer(tc)
+        self.trainer = tr = Trainer(tc)
         self.skipped = 0
+        self._clock = clock = _UpdateClock(device)
+        tr.accelerator.clip_grad_norm_ = clock.start(tr.accelerator.clip_grad_norm_)
+        tr.optimizer.step = clock.start(tr.optimizer.step)
+        tr.optimizer.zero_grad = clock.stop(tr.optimizer.zero_grad)
+
+    @property
+    def last_update_s(self) -> Optional[float]:
+        return self._clock.last
 
     def __call__(self, batch: dict) -> torch.Tensor:
         epoch = self.calls % self.draws
         self.calls += 1
         return self.trainer.train_step(dict(batch, draw_epoch=epoch))["loss"]
+
+    def facts(self) -> dict:
+        """The speed settings as the live Trainer has them."""
+        tr = self.trainer
+        return {"mixed_precision": tr.accelerator.mixed_precision,
+                "optimizer": type(getattr(tr.optimizer, "optimizer", tr.optimizer)).__name__,
+                "gradient_checkpointing": bool(getattr(tr.policy, "is_gradient_checkpointing",
+                                                       False)),
+                "channels_last": bool(conv_weights_channels_last(tr.policy)),
+                "compiled": _is_compiled(tr.policy)}
 
     def denoisers(self):
         # a cached full fine-tune holds no reference model (None)
