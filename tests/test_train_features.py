@@ -117,7 +117,9 @@ def test_official_layout_without_embeddings_encodes_once_per_step(tmp_path):
         out = tr.train_step(next(tr.batches()))
     # one text-encoder call per step on [c ; c-] of the 2 pairs, shared by K=3 draws
     assert len(enc_calls) == 1 and len(enc_calls[0]) == 4
-    assert calls == [2 * 2 * 3, 3 * 2 * 3]
+    # the frozen reference first (3 rows per pair; it lowers the step's peak memory), then
+    # the policy (2 rows per pair)
+    assert calls == [3 * 2 * 3, 2 * 2 * 3]
     assert out["margin"].shape == (6,) and math.isfinite(out["loss"].item())
 
 
