@@ -54,6 +54,8 @@ clean:
 
 bench-step: env
 	$(VENV)/bin/ddspo-fast bench step --tiny --device cpu
+	# each row's settings at real size: planned peak memory (an estimate, no GPU)
+	$(PY) -m ddspo_fast.plan.ladder benchmarks/results/step-cpu-tiny.json --write
 
 plan-check: env
 	$(PY) -m ddspo_fast.plan.published --write benchmarks/results/plan-vs-published.json

@@ -110,3 +110,29 @@ def test_one_published_figure_in_band():
 
     (row,) = check({"peft-sd14-lora-ckpt"}, log=lambda s: None)
     assert row["in_band"], row
+
+
+def test_ladder_rows_get_their_real_size_memory():
+    """Every ladder row with settings gets the planned peak of those settings on the
+    released model: the official rung's foreach AdamW and second reference call cost more
+    than the library's bf16 + 8-bit row; a row without settings gets nothing."""
+    from ddspo_fast.plan.ladder import annotate, options_of
+
+    official = {"family": "sd15", "name": "official", "config": {
+        "precision": "fp32", "optimizer": "adamw", "gradient_checkpointing": False,
+        "reference_rows": 4, "lora_rank": None}}
+    tuned = {"family": "sd15", "name": "ddspo_fast:tuned", "config": {
+        "precision": "bf16", "optimizer": "adamw8bit", "gradient_checkpointing": False,
+        "reference_rows": 3, "lora_rank": None, "reference_cache": False}}
+    skipped = {"family": "sd15", "name": "compile", "config": None}
+    o = options_of(official, 8)
+    assert (o.optimizer, o.mode, o.precision, o.reference) == ("adamw-foreach", "ddspo-official", "fp32", "live")
+    t = options_of(tuned, 8)
+    assert (t.optimizer, t.mode, t.precision) == ("adamw8bit", "ddspo", "bf16")
+    assert options_of(dict(tuned, name="ddspo_fast:defaults", config=dict(tuned["config"], optimizer="adamw")), 8).optimizer == "adamw"
+    doc = annotate({"rows": [official, tuned, skipped]})
+    po, pt = official["planned_real"], tuned["planned_real"]
+    assert po["estimate"] and po["batch"] == 8 and "planned_real" not in skipped
+    assert pt["count_gib"] < po["count_gib"]
+    assert po["count_gib"] < po["allocated_gib"] < po["reserved_gib"]
+    assert "margin" in doc["planned_real_note"]

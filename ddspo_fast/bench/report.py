@@ -269,12 +269,21 @@ def here_text(r: dict) -> str:
     return "; ".join(bits) or "-"
 
 
+def planned_text(r: dict) -> str:
+    """The row's planned peak at real size (``python -m ddspo_fast.plan.ladder`` adds it):
+    the traced count and, in brackets, the reserved figure with the planner's margin."""
+    p = r.get("planned_real")
+    if not p:
+        return "-"
+    return f"{p['count_gib']:.1f} ({p['reserved_gib']:.1f}) @{p['batch']}"
+
+
 def format_table(rows, *, drop_empty: bool = False) -> str:
     """The rows as a pipe table (Markdown); `drop_empty` leaves out the columns with
     nothing in any row (a CPU run's peak memory and MFU)."""
     head = ["family", "#", "row", "computes in", "rows/pair", "step ms p50 (p20-p80)",
-            "update ms", "pairs/s", "peak GB", "MFU useful", "MFU hw", "vs base",
-            "vs official", "here"]
+            "update ms", "pairs/s", "peak GB", "real size GiB (est.)", "MFU useful", "MFU hw",
+            "vs base", "vs official", "here"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     body = []
     for r in rows:
@@ -288,7 +297,7 @@ def format_table(rows, *, drop_empty: bool = False) -> str:
                      r.get("computes_in") or "-",
                      fmt(r.get("denoiser_rows_per_pair"), ".0f"), step, fmt(up, ".4g"),
                      fmt(r.get("pairs_per_s"), ".3g"), fmt(r.get("peak_mem_gb"), ".1f"),
-                     fmt(r.get("mfu_useful"), ".3f"), fmt(r.get("mfu_hardware"), ".3f"),
+                     planned_text(r), fmt(r.get("mfu_useful"), ".3f"), fmt(r.get("mfu_hardware"), ".3f"),
                      fmt(r.get("vs_previous") or r.get("vs_live") or r.get("vs_same_settings"),
                          ".2f"),
                      vs_official_text(r) + (f"  ({status})" if status else ""),

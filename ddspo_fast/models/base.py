@@ -125,6 +125,8 @@ class FamilyAdapter:
     # The guidance value fed to a guidance-distilled denoiser during training (FLUX.1
     # [dev]); None where the denoiser has no guidance embedding.
     train_guidance: Optional[float] = None
+    #: the text encoders' token budget where the pipeline takes one (None: the pipeline's)
+    max_sequence_length: Optional[int] = None
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -508,7 +510,17 @@ class FamilyAdapter:
     def pipeline_call_kwargs(self) -> dict:
         """Extra keyword arguments for the family's pipeline call (size, binning...)."""
         h, w = self.latent_shape()[-2:]
-        return {"height": h * self.vae_scale_factor, "width": w * self.vae_scale_factor}
+        kw = {"height": h * self.vae_scale_factor, "width": w * self.vae_scale_factor}
+        if self.max_sequence_length is not None:  # prompts encoded as the training rows were
+            kw["max_sequence_length"] = self.max_sequence_length
+        return kw
+
+    def guidance(self, batch: int, device) -> Optional[torch.Tensor]:
+        """The guidance-embedding input of a guidance-distilled denoiser (one fp32 value
+        per row, ``train_guidance``), or None for a model without one."""
+        if self.train_guidance is None:
+            return None
+        return torch.full((batch,), self.train_guidance, device=device, dtype=torch.float32)
 
     @torch.no_grad()
     def generate_latents(self, prompts: Sequence[str], seeds: Sequence[int], *,

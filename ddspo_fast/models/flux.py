@@ -121,10 +121,7 @@ class FluxAdapter(FamilyAdapter):
     def predict(self, denoiser, x_t, timesteps, cond: Cond) -> torch.Tensor:
         b, _, h, w = x_t.shape
         txt = cond["prompt_embeds"]
-        guidance = None
-        if self.train_guidance is not None:
-            guidance = torch.full((b,), self.train_guidance, device=x_t.device,
-                                  dtype=torch.float32)
+        guidance = self.guidance(b, x_t.device)
         out = denoiser(hidden_states=self.pack_latents(x_t),
                        timestep=self.noise_level(timesteps), guidance=guidance,
                        pooled_projections=cond["pooled_prompt_embeds"],
@@ -142,11 +139,6 @@ class FluxAdapter(FamilyAdapter):
         return ids
 
     # ------------------------------------------------------------------ sampling
-    def pipeline_call_kwargs(self) -> dict:
-        kw = super().pipeline_call_kwargs()
-        kw["max_sequence_length"] = self.max_sequence_length
-        return kw
-
     @torch.no_grad()
     def generate_latents(self, prompts, seeds, *, steps=None, cfg=None) -> torch.Tensor:
         packed = super().generate_latents(prompts, seeds, steps=steps, cfg=cfg)

@@ -160,10 +160,7 @@ class Flux2Adapter(FamilyAdapter):
     def predict(self, denoiser, x_t, timesteps, cond: Cond) -> torch.Tensor:
         b, _, h, w = x_t.shape
         txt = cond["prompt_embeds"]
-        guidance = None
-        if self.train_guidance is not None:
-            guidance = torch.full((b,), self.train_guidance, device=x_t.device,
-                                  dtype=torch.float32)
+        guidance = self.guidance(b, x_t.device)
         out = denoiser(hidden_states=self.pack_latents(x_t),
                        timestep=self.noise_level(timesteps).to(x_t.dtype), guidance=guidance,
                        encoder_hidden_states=txt,

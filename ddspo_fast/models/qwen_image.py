@@ -121,11 +121,6 @@ class QwenImageAdapter(FamilyAdapter):
         return self.unpack_latents(out, x_t.shape)
 
     # ------------------------------------------------------------------ sampling
-    def pipeline_call_kwargs(self) -> dict:
-        kw = super().pipeline_call_kwargs()
-        kw["max_sequence_length"] = self.max_sequence_length
-        return kw
-
     @torch.no_grad()
     def generate_latents(self, prompts, seeds, *, steps=None, cfg=None) -> torch.Tensor:
         if len(prompts) != len(seeds):

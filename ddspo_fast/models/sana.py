@@ -107,5 +107,4 @@ class SanaAdapter(FamilyAdapter):
         # official prepare_latents.py calls the pipeline with its defaults.
         kw = super().pipeline_call_kwargs()
         kw["use_resolution_binning"] = False  # generate at exactly the native latent size
-        kw["max_sequence_length"] = self.max_sequence_length
         return kw

@@ -66,7 +66,3 @@ class SD3Adapter(FamilyAdapter):
         sigma = self._bcast(self.noise_level(timesteps), x_t)
         return x_t - sigma * v  # x0 estimate: x_t = (1-s) x0 + s eps, v = eps - x0
 
-    def pipeline_call_kwargs(self) -> dict:
-        kw = super().pipeline_call_kwargs()
-        kw["max_sequence_length"] = self.max_sequence_length
-        return kw
