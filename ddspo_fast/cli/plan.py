@@ -24,7 +24,8 @@ _DT = ("none", "fp32", "bf16", "fp16", "int8", "fp8")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..plan.analytic import BASES, OPTIMIZERS  # standard library only at their top
 
-    p.add_argument("--model", help="published architecture (sd15, sdxl, sd3, sana, flux-dev) "
+    p.add_argument("--model", help="published architecture (sd15, sdxl, sd3, sana, flux-dev, "
+                   "sd35-large, sd35-medium, qwen_image, flux2, flux2-klein: bench/archs.py) "
                    "or a diffusers pipeline folder (its config files only are read)")
     p.add_argument("--config", help="a train config YAML (ddspo-fast train --config): plan "
                    "the step it runs; other flags override it")

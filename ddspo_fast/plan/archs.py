@@ -16,17 +16,6 @@ from typing import Optional
 # Vae downsampling factor and the attention modules LoRA targets, per denoiser class.
 _VAE_FACTOR = {"sana": 32}
 
-# The released FLUX.1-dev transformer (black-forest-labs/FLUX.1-dev), 1024 px.
-FLUX_DEV = {
-    "family": "flux", "denoiser_cls": "FluxTransformer2DModel",
-    "config": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
-    "latent_shape": (16, 128, 128),
-    "cond": {"prompt_embeds": ((512, 4096), "bf16"), "pooled_prompt_embeds": ((768,), "bf16")},
-    "notes": "FLUX.1-dev MMDiT, 1024 px, 11.9 B params, 512 T5 tokens",
-}
-
 # The pipeline's other components, per family (configs of the released checkpoints).
 _CLIP_L = ("CLIPTextModel", dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                  num_hidden_layers=12, num_attention_heads=12,
@@ -124,22 +113,20 @@ NAMES = {"sd15": "sd15", "sd1.5": "sd15", "sdxl": "sdxl", "sd3": "sd3", "sd3-med
 
 
 def published_names() -> tuple:
-    return ("sd15", "sdxl", "sd3", "sana", "flux-dev")
+    """The aliases above and every released config of ``bench/archs.py`` ``REAL``."""
+    from ..bench.archs import REAL
+
+    return tuple(dict.fromkeys(["sd15", "sdxl", "sd3", "sana", "flux-dev", *REAL]))
 
 
 def by_name(name: str) -> Arch:
     from ..bench.archs import REAL
 
-    key = NAMES.get(name.lower())
-    if key is None:
+    key = NAMES.get(name.lower(), name.lower() if name.lower() in REAL else None)
+    if key is None or key not in REAL:
         raise ValueError(f"model: unknown architecture {name!r} (expected a diffusers "
                          f"pipeline folder or one of {', '.join(published_names())})")
-    if key in REAL:
-        return _from_spec(REAL[key], f"published config {key} (bench/archs.py)")
-    f = FLUX_DEV
-    return Arch(f["family"], f["denoiser_cls"], dict(f["config"]), f["latent_shape"], f["cond"],
-                notes=f["notes"], source="published config FLUX.1-dev (plan/archs.py)",
-                components=TEXT_ENCODERS["flux"], vae=VAES["flux"])
+    return _from_spec(REAL[key], f"published config {key} (bench/archs.py)")
 
 
 def _read_json(path: Path, what: str) -> dict:
