@@ -344,3 +344,17 @@ def test_a_full_disk_while_saving_tensors_is_an_oserror(tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         safeload.save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(1)})
     assert e.value.errno == errno.ENOSPC
+
+
+def test_trust_is_not_written_into_the_saved_config(tmp_path):
+    """--trust-checkpoint allows one invocation; the run's saved YAML (the natural --config
+    of a later resume, or of someone else's run) never carries it forward."""
+    import yaml
+
+    from ddspo_fast.train import TrainConfig
+
+    cfg = TrainConfig(model="m", data="d", output_dir=str(tmp_path / "run"), trust_checkpoint=True)
+    cfg.to_yaml(tmp_path / "train_config.yaml")
+    saved = yaml.safe_load((tmp_path / "train_config.yaml").read_text())
+    assert "trust_checkpoint" not in saved and saved["model"] == "m"
+    assert TrainConfig.from_yaml(tmp_path / "train_config.yaml").trust_checkpoint is False

@@ -502,7 +502,11 @@ class TrainConfig:
 
         from ..fsio import atomic_write_text
 
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        d = self.to_dict()
+        # a permission of one invocation, never carried into a file that a later run (or
+        # someone else) reads back as its config
+        d.pop("trust_checkpoint", None)
+        atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
