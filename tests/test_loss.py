@@ -283,17 +283,21 @@ def test_torch_compile_fullgraph(backend, loss_type):
     def step(model, ref_out):
         loss, stats = df.ddspo_loss_from_reference(model, ref_out, 3000.0, backend=backend,
                                                    loss_type=loss_type)
-        return loss * 2, stats["implicit_acc"]
+        return loss * 2, stats["implicit_acc"], stats["margin"]
 
     compiled = torch.compile(step, fullgraph=True)
     model, ref_out = make((4, 2, 5, 5), torch.float32, packed=True)
-    (loss_c, acc_c) = compiled(model, ref_out)
+    (loss_c, acc_c, _) = compiled(model, ref_out)
     (g_c,) = torch.autograd.grad(loss_c, model)
-    (loss_e, acc_e) = step(model, ref_out)
+    (loss_e, acc_e, margin_e) = step(model, ref_out)
     (g_e,) = torch.autograd.grad(loss_e, model)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-7)
-    assert acc_c.item() == acc_e.item()
+    # implicit accuracy counts margins > 0: the compiled reductions may sum in another
+    # order (another CPU's vector width), so only a pair whose margin is within rounding
+    # of 0 may count differently; every other pair must agree
+    near_zero = (margin_e.abs() <= 1e-4 * margin_e.abs().max().clamp_min(1.0)).sum().item()
+    assert abs(acc_c.item() - acc_e.item()) <= near_zero / margin_e.numel() + 1e-7
 
 
 # ------------------------------------------------------------------ dispatch
