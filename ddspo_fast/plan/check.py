@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .step import StepSetup, build, run_step
-from .tracker import MemoryTracker
 
 
 def _live_bytes(modules) -> int:
@@ -53,22 +52,9 @@ def measured_peak(setup: StepSetup, weights_dir: str, seed: int = 0) -> int:
 
 def traced_peak(setup: StepSetup) -> int:
     """The planner's count of the same step (fake tensors, no GPU rules, exact bytes)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from .worker import build_fake
 
-    fm = FakeTensorMode()
-
-    def make(p, dtype):
-        with fm:
-            return torch.empty(p.shape, dtype=dtype)
-
-    def make_input(shape, dtype):
-        with fm:
-            return torch.zeros(shape, dtype=dtype)
-
-    den, ref = build(setup, make)
-    tracker = MemoryTracker(setup.granule)
-    for m in [den] + ([ref] if ref is not None and ref is not den else []):
-        tracker.add_module(m)
+    fm, den, ref, tracker, make_input = build_fake(setup)
     with fm, tracker:
         run_step(den, ref, setup, make_input, tracker=tracker)
     return tracker.peak

@@ -44,15 +44,11 @@ def summary(den, ref, tracker: MemoryTracker) -> dict:
     }
 
 
-def measure(setup: StepSetup) -> dict:
-    """The tracked step on fake tensors: peak bytes per phase and category, FLOPs."""
+def build_fake(setup: StepSetup):
+    """The step's networks on fake tensors, under a tracker that counts their weights:
+    ``(fake mode, denoiser, reference or None, tracker, make_input)``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .gpu_rules import cuda_autocast_rules
-
-    torch.set_num_threads(1)
-    if setup.gpu_rules:
-        cuda_autocast_rules()
     fm = FakeTensorMode()
 
     def make(p, dtype):
@@ -68,6 +64,17 @@ def measure(setup: StepSetup) -> dict:
     tracker.add_module(den)
     if ref is not None and ref is not den:
         tracker.add_module(ref)
+    return fm, den, ref, tracker, make_input
+
+
+def measure(setup: StepSetup) -> dict:
+    """The tracked step on fake tensors: peak bytes per phase and category, FLOPs."""
+    from .gpu_rules import cuda_autocast_rules
+
+    torch.set_num_threads(1)
+    if setup.gpu_rules:
+        cuda_autocast_rules()
+    fm, den, ref, tracker, make_input = build_fake(setup)
     tracker.watch_grads([p for p in den.parameters() if p.requires_grad])
     with fm, tracker:
         run_step(den, ref, setup, make_input, tracker=tracker)
