@@ -8,7 +8,7 @@ import pytest
 
 import ddspo_fast.train as train_pkg
 from ddspo_fast import cli
-from ddspo_fast.cli import train as train_cmd
+from ddspo_fast.cli._config_args import given_values
 from ddspo_fast.train import TrainConfig
 
 from _cli_helpers import assert_one_line_error, run_module
@@ -77,7 +77,7 @@ def snake(argv: str) -> str:
 @pytest.mark.parametrize("argv, expected", OLD_USES, ids=[a for a, _ in OLD_USES])
 def test_every_old_flag_parses_in_both_spellings(argv, expected, spelling):
     args = parse((argv if spelling == "kebab" else snake(argv)).split())
-    assert train_cmd.given_values(args) == expected
+    assert given_values(args, TrainConfig) == expected
     lora = {"lora_rank": 4} if {"lora_alpha", "lora_targets"} & set(expected) else {}
     cfg = TrainConfig.from_dict({**lora, **expected})  # the parsed values have the config's types
     for name, value in expected.items():
@@ -85,12 +85,12 @@ def test_every_old_flag_parses_in_both_spellings(argv, expected, spelling):
 
 
 def test_bool_flags_take_an_optional_value():
-    assert train_cmd.given_values(parse(["--compile", "false", "--progress", "yes", "--save_final=0"])) == \
+    assert given_values(parse(["--compile", "false", "--progress", "yes", "--save_final=0"]), TrainConfig) == \
         {"compile": False, "progress": True, "save_final": False}
 
 
 def test_absent_flags_are_not_given():
-    assert train_cmd.given_values(parse([])) == {}
+    assert given_values(parse([]), TrainConfig) == {}
 
 
 def test_help_lists_every_field_both_spellings_and_choices(capsys):

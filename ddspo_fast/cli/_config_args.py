@@ -13,6 +13,11 @@ field both spellings: ``--learning_rate`` (the diffusers scripts') and
 - every bool gets ``--no-x`` (HfArgumentParser adds it only when the default is True);
 - the dataclass's own ``Field`` objects are left alone (HfArgumentParser rewrites
   ``field.type`` in place, so it is handed copies).
+
+And the layering itself, shared by ``train``, ``train-pair`` and ``precompute``:
+``add_config_arguments`` (``--config`` plus the fields' flags), ``config_from_args``
+(defaults < ``--config`` file < flags) and ``blame`` (a config error as a one-line
+CLIError naming the flag, or the file and its key).
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 import typing
-from typing import Any, Callable, Dict, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from . import CLIError, one_line
 
 NONE_WORDS = ("none", "null")
 _METAVARS = {int: "N", float: "X"}
@@ -36,6 +45,10 @@ class HelpFormatter(argparse.HelpFormatter):
             return super()._format_action_invocation(action)
         value = self._format_args(action, self._get_default_metavar_for_optional(action))
         return f"{', '.join(action.option_strings)} {value}"
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``HelpFormatter``, keeping the description's own line breaks."""
 
 
 class _OrNone(tuple):
@@ -69,18 +82,22 @@ def flag_name(field: str) -> str:
     return f"--{field}" if kebab == field else f"--{field}/--{kebab}"
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: Optional[str] = None) -> Dict[str, str]:
-    """Add a flag for every init field of dataclass ``cls`` to ``parser`` (in an argument
-    group); returns ``{field name: flag name}``."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: Optional[str] = None,
+                            fields: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """Add a flag for every init field of dataclass ``cls`` (or only for those named in
+    ``fields``) to ``parser`` (in an argument group); returns ``{field name: flag name}``."""
     from transformers import HfArgumentParser
 
     hints = typing.get_type_hints(cls)
+    unknown = set(fields or ()) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
     if parser.formatter_class is argparse.HelpFormatter:
         parser.formatter_class = HelpFormatter
     group = parser.add_argument_group(title or f"{cls.__name__} options")
     flags: Dict[str, str] = {}
     for f in dataclasses.fields(cls):
-        if f.init:
+        if f.init and (fields is None or f.name in fields):
             _add_field(HfArgumentParser, group, f, hints[f.name])
             flags[f.name] = flag_name(f.name)
     return flags
@@ -127,3 +144,71 @@ def _add_field(hf, group, f: dataclasses.Field, tp) -> None:
         for no in added:
             no.default = argparse.SUPPRESS
             no.help = f"the same as --{kebab} false"
+
+
+# ---------------------------------------------------------------------- layered configs
+def add_config_arguments(parser: argparse.ArgumentParser, cls, title: str,
+                         fields: Optional[Sequence[str]] = None) -> None:
+    """``--config FILE.yaml`` and one flag per field of the config dataclass ``cls`` (or
+    per field named in ``fields``)."""
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="YAML file of field: value (snake_case or kebab-case keys); "
+                             "flags override it")
+    add_dataclass_arguments(parser, cls, title, fields)
+
+
+def given_values(args: argparse.Namespace, cls, fields: Optional[Sequence[str]] = None
+                 ) -> Dict[str, Any]:
+    """The config fields the command line set (absent flags leave no attribute); with
+    ``fields``, only those (a command's other flags may share a field's name)."""
+    names = cls.__dataclass_fields__ if fields is None else fields
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def config_from_args(args: argparse.Namespace, cls, fields: Optional[Sequence[str]] = None,
+                     *, ready: bool = False):
+    """A ``cls`` config from defaults < ``--config`` file < flags (``fields``: the fields
+    that are flags); ``ready``: also checked ready to run (``cls.check_ready`` and a local
+    model path that exists). A bad value is a CLIError naming the flag, or the file and
+    its key."""
+    given = given_values(args, cls, fields)
+    path: Optional[str] = getattr(args, "config", None)
+    if path is not None and not Path(path).is_file():
+        what = "is not a file" if Path(path).exists() else "does not exist"
+        raise CLIError(f"argument --config: {path} {what} (expected a YAML file)")
+    try:
+        cfg = cls.from_yaml(path, overrides=given) if path is not None else cls.from_dict(given)
+        if ready:
+            cfg.check_ready()
+            _check_local_model(cfg.model)
+    except ValueError as e:
+        raise blame(one_line(e), cls, args, fields) from e
+    return cfg
+
+
+def _check_local_model(model: Optional[str]) -> None:
+    # a hub id is resolved by the trainer; a plainly local path must exist (train-pair's
+    # config has its own check_ready without this check, so it is made here for both)
+    from ..train.config import missing_local_model
+
+    problem = missing_local_model(model) if model else None
+    if problem:
+        raise ValueError(f"model: {problem}")
+
+
+def blame(msg: str, cls, args: argparse.Namespace,
+          fields: Optional[Sequence[str]] = None) -> CLIError:
+    """Name what a config error (``"field: problem"``) is about: the field's flag when the
+    command line set it, or no ``--config`` file was given; else the file (and its key).
+    A field that is not one of the command's flags (``fields``) is never named as one."""
+    msg = one_line(msg)
+    path: Optional[str] = getattr(args, "config", None)
+    if path is not None and msg.startswith(f"{path}:"):  # the file itself: missing, not YAML ...
+        return CLIError(f"argument --config: {msg}")
+    flags = cls.__dataclass_fields__ if fields is None else fields
+    m = re.match(r"(\w+): (.*)", msg)
+    if m and m[1] in flags and (m[1] in given_values(args, cls, fields) or path is None):
+        return CLIError(f"argument {flag_name(m[1])}: {m[2]}")
+    if path is not None:  # a key of the file, or a combination it set
+        return CLIError(f"argument --config: {path}: {msg}")
+    return CLIError(msg)

@@ -1,8 +1,8 @@
 """``ddspo-fast precompute``: write a reference cache for policy-only training steps.
 
-The command line registers this module with ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``; errors are raised as ``ValueError`` naming the flag, for the CLI to
-print as one line.
+The run's settings are TrainConfig's own flags (a subset, ``CONFIG_FIELDS``, generated
+from the dataclass as ``train``'s are) or its ``--config`` file; errors are one-line
+CLIErrors naming the flag (or the file and its key).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+
+from . import CLIError, one_line
 
 HELP = "run the frozen networks once over every pair x K draws (a reference cache)"
 
@@ -25,107 +27,79 @@ Rerun the same command after a kill to finish, or with a larger --draws to add d
 Multi-GPU: accelerate launch -m ddspo_fast precompute ... splits the shards.
 """
 
-# --flag -> TrainConfig field, for the settings that change the frozen outputs
-_CONFIG_FLAGS = {
-    "model": "--model", "data": "--data", "family": "--family", "objective": "--objective",
-    "pair": "--pair", "pair_lora": "--pair-lora", "seed": "--seed",
-    "mixed_precision": "--mixed-precision", "device": "--device",
-    "rand_cond_prompts": "--rand-cond-prompts", "rand_cond_schedule": "--rand-cond-schedule",
-    "rand_cond_lambda": "--rand-cond-lambda", "logit_mean": "--logit-mean",
-    "logit_std": "--logit-std", "attention": "--attention", "guidance_scale": "--guidance-scale",
-}
-_OWN_FLAGS = {"out": "--out", "draws": "--draws", "dtype": "--dtype", "batch_size": "--batch-size",
-              "pairs_per_shard": "--pairs-per-shard"}
+# The TrainConfig fields that are precompute's flags (generated from the dataclass as
+# train's are, same spellings and help): every setting the cache's fingerprint records or
+# the frozen networks run with (tests/test_precompute_cli.py derives that set from the
+# code and checks each is here), and the progress bar. The run's other settings, given with
+# --config, are read and ignored.
+CONFIG_FIELDS = (
+    "model", "data", "family", "objective", "pair", "pair_lora", "seed", "mixed_precision",
+    "device", "attention", "channels_last", "text_encoder_dtype", "guidance_scale",
+    "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift",
+    "rand_cond_prompts", "rand_cond_schedule", "rand_cond_lambda", "progress",
+)
+# precompute's own flags: what it writes and how it batches (not settings of the run)
+OWN_FLAGS = {"out": "--out", "draws": "--draws", "dtype": "--dtype",
+             "batch_size": "--batch-size", "pairs_per_shard": "--pairs-per-shard"}
+
+
+def _config_cls():
+    from ..train.config import TrainConfig
+
+    return TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = DESCRIPTION
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--config", metavar="FILE.yaml",
-                   help="the training run's TrainConfig YAML; its settings are used, flags "
-                        "given here override them")
-    p.add_argument("--model", help="diffusers pipeline directory or hub id")
-    p.add_argument("--data", help="pair dataset directory")
-    p.add_argument("--out", required=True, help="cache directory (new, or one to finish / extend)")
-    p.add_argument("--draws", type=int, required=True, metavar="K",
-                   help="draws (t, noise) per pair to store")
-    p.add_argument("--objective", choices=("ddspo", "dpo"))
-    p.add_argument("--pair", choices=("reference", "lora"),
-                   help="DDSPO pair: reference (TF-CPP) or lora (DD-CPP, needs --pair-lora)")
-    p.add_argument("--pair-lora", metavar="DIR", help="DD-CPP: directory with win/ and lose/")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"),
-                   help="autocast dtype of the frozen networks, as in training (default auto: "
-                        "bf16 on a GPU, no (fp32) on the CPU)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                   help="stored dtype of the target rows (default: that of --mixed-precision)")
-    p.add_argument("--batch-size", type=int, metavar="N",
-                   help="pairs per forward (default 32 on CUDA, halved on out-of-memory; 8 "
-                        "on CPU); keep it when resuming for a bit-identical cache")
-    p.add_argument("--pairs-per-shard", type=int, metavar="N",
-                   help="pairs per shard file (default: about 256 MiB per shard)")
-    p.add_argument("--family", help="model family, one of the registered families (default: "
-                                    "detected from the model)")
-    p.add_argument("--device", help="device (default: accelerate's choice)")
-    p.add_argument("--rand-cond-prompts", metavar="FILE.jsonl",
-                   help="random-condition mixing pool, as in training")
-    p.add_argument("--rand-cond-schedule", choices=("sigmoid", "exponential", "constant"))
-    p.add_argument("--rand-cond-lambda", type=float)
-    p.add_argument("--logit-mean", type=float, help="flow models' timestep density, as in training")
-    p.add_argument("--logit-std", type=float)
-    p.add_argument("--attention", choices=("sdpa", "xformers"))
-    p.add_argument("--guidance-scale", type=float,
-                   help="FLUX.1 [dev]: the guidance value of training (default 3.5, as in training)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from ._args import add_threads_argument
+    from ._config_args import RawDescriptionHelpFormatter, add_config_arguments
 
-    add_threads_argument(p)
+    p.description = DESCRIPTION
+    p.formatter_class = RawDescriptionHelpFormatter
+    own = p.add_argument_group("precompute options")
+    own.add_argument("--out", required=True,
+                     help="cache directory (new, or one to finish / extend)")
+    own.add_argument("--draws", type=int, required=True, metavar="K",
+                     help="draws (t, noise) per pair to store")
+    own.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                     help="stored dtype of the target rows (default: that of --mixed-precision)")
+    own.add_argument("--batch-size", type=int, metavar="N",
+                     help="pairs per forward (default 32 on CUDA, halved on out-of-memory; 8 "
+                          "on CPU); keep it when resuming for a bit-identical cache")
+    own.add_argument("--pairs-per-shard", type=int, metavar="N",
+                     help="pairs per shard file (default: about 256 MiB per shard)")
+    add_threads_argument(own)
+    add_config_arguments(p, _config_cls(), "settings of the training run (TrainConfig fields; "
+                                           "--config FILE.yaml sets them from the run's file)",
+                         CONFIG_FIELDS)
 
 
-def _flag_of(message: str) -> str:
-    """'draws: expected ...' -> 'argument --draws: expected ...' when the field is a flag."""
-    m = re.match(r"^([a-z_]+):\s*", message)
-    if m:
-        flags = {**_CONFIG_FLAGS, **_OWN_FLAGS}
-        if m.group(1) in flags:
-            return f"argument {flags[m.group(1)]}: {message[m.end():]}"
-    return message
+def _blame(e: ValueError, args: argparse.Namespace) -> CLIError:
+    """A precompute error as one line naming its flag: one of precompute's own, or a
+    setting of the run (its flag, or the --config file)."""
+    from ._config_args import blame
 
-
-def _config(args):
-    from ..train.config import TrainConfig
-
-    flags = {name: getattr(args, name) for name in _CONFIG_FLAGS
-             if getattr(args, name, None) is not None}
-    flags.setdefault("progress", not args.no_progress)
-    try:
-        if args.config:
-            try:
-                return TrainConfig.from_yaml(args.config, overrides=flags)
-            except OSError as e:
-                raise ValueError(f"argument --config: cannot read {args.config} ({e.strerror})") from None
-        return TrainConfig.from_dict(flags)
-    except ValueError as e:
-        msg = str(e)
-        if args.config and msg.startswith(f"{args.config}:"):
-            raise ValueError(f"argument --config: {msg}") from None
-        raise ValueError(_flag_of(msg)) from None
+    msg = one_line(e)
+    m = re.match(r"(\w+): (.*)", msg)
+    if m and m[1] in OWN_FLAGS:
+        return CLIError(f"argument {OWN_FLAGS[m[1]]}: {m[2]}")
+    return blame(msg, _config_cls(), args, CONFIG_FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..train.precompute import precompute
     from ._args import quiet_libraries, torch_threads
+    from ._config_args import config_from_args
 
-    quiet_libraries(debug=getattr(args, "debug", False), progress=not args.no_progress)
-
-    cfg = _config(args)
+    # the ready checks are precompute's own (the run's reference_cache is this cache)
+    cfg = config_from_args(args, _config_cls(), CONFIG_FIELDS)
+    quiet_libraries(debug=getattr(args, "debug", False), progress=cfg.progress)
     try:
         with torch_threads(args.threads):
             res = precompute(cfg, args.out, args.draws, dtype=args.dtype,
                              batch_size=args.batch_size, pairs_per_shard=args.pairs_per_shard,
-                             progress=not args.no_progress)
+                             progress=cfg.progress)
     except ValueError as e:
-        raise ValueError(_flag_of(str(e))) from None
+        raise _blame(e, args) from e
     gib = res["pairs"] * res["draws"] * res["bytes_per_pair_draw"] / 2 ** 30
     ms = res["ms_per_pair_draw"]
     state = "complete" if res["complete"] else "this process's share done"

@@ -11,8 +11,7 @@ import argparse
 
 from . import EXIT_OK, CLIError, one_line
 from ._args import add_threads_argument, allow_bitsandbytes, quiet_libraries, short, torch_threads
-from .train import _blame, add_config_arguments, given_values
-from .train import build_config as build_train_config
+from ._config_args import add_config_arguments, blame, config_from_args
 
 HELP = "train DD-CPP's winning and losing LoRA adapters (for train --pair lora)"
 DESCRIPTION = ("Train the winning adapter on the preferred and the losing adapter on the "
@@ -37,7 +36,7 @@ def add_arguments(p) -> None:
 
 def build_config(args: argparse.Namespace):
     """Defaults < ``--config`` file < flags, checked ready to train."""
-    return build_train_config(args, _config_cls())
+    return config_from_args(args, _config_cls(), ready=True)
 
 
 def run(args) -> int:
@@ -52,8 +51,7 @@ def run(args) -> int:
         with torch_threads(args.threads):
             summary = train_pair(cfg)
     except ValueError as e:  # name the flag the message is about
-        raise _blame(one_line(e), _config_cls(), given_values(args, _config_cls()),
-                     getattr(args, "config", None)) from e
+        raise blame(str(e), _config_cls(), args) from e
     except (NonFiniteLossError, LockedError, DiskFullError) as e:
         raise CLIError(one_line(e)) from e
     print("trained pair: " + ", ".join(f"{k}={short(v)}" for k, v in summary.items()

@@ -55,9 +55,9 @@ class EncodeResult:
 
 
 def _pair_seed(seed: int, pair_id: str, side: str) -> int:
-    from .prepare import _stable_int
+    from .prepare import stable_int
 
-    return _stable_int("vae", seed, pair_id, side)
+    return stable_int("vae", seed, pair_id, side)
 
 
 def _resolution(value, adapter) -> Tuple[int, int]:

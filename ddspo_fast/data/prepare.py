@@ -38,18 +38,20 @@ from .validate import same_condition_problem
 log = logging.getLogger(__name__)
 
 
-def _stable_int(*parts) -> int:
+def stable_int(*parts) -> int:
+    """A 31-bit int fixed by ``parts`` alone (sha256 of their text): the same on every
+    machine and Python, unlike ``hash``."""
     h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def sample_seed(seed: int, pair_id: str) -> int:
     """The sampling seed of one pair (shared by its preferred and dispreferred latents)."""
-    return _stable_int("seed", seed, pair_id)
+    return stable_int("seed", seed, pair_id)
 
 
 def choose_negative(seed: int, pair_id: str, neg_prompts: Sequence[str]) -> str:
-    return neg_prompts[_stable_int("neg", seed, pair_id) % len(neg_prompts)]
+    return neg_prompts[stable_int("neg", seed, pair_id) % len(neg_prompts)]
 
 
 def _run_degrade_first(path: Path, what: str) -> ValueError:

@@ -72,7 +72,7 @@ def read_model_index(model: str) -> dict:
                              "(expected a diffusers pipeline directory)")
         return json.loads(f.read_text())
     try:
-        f = _hub_file(str(model), "model_index.json")
+        f = hub_file(str(model), "model_index.json")
     except _HUB_ERRORS as e:  # offline, unknown id, no network, not in the cache...
         raise ValueError(f"model: {model!r} is neither a local diffusers pipeline directory nor "
                          f"a reachable hub id ({type(e).__name__}: {e})") from e
@@ -92,7 +92,8 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 _HUB_ERRORS = _hub_errors()
 
 
-def _hub_file(model: str, filename: str) -> str:
+def hub_file(model: str, filename: str) -> str:
+    """The local path of ``filename`` of hub repository ``model`` (downloaded or cached)."""
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(model, filename)
@@ -216,7 +217,7 @@ class FamilyAdapter:
             p = Path(model) / "vae" / "config.json"
             try:
                 cfg = json.loads((p.read_text() if p.is_file()
-                                  else Path(_hub_file(model, "vae/config.json")).read_text()))
+                                  else Path(hub_file(model, "vae/config.json")).read_text()))
             except _HUB_ERRORS as e:  # no vae/ (or offline): say what is assumed instead
                 warnings.warn(
                     f"model: cannot read the VAE config of {model} ({type(e).__name__}: {e}); "
@@ -251,7 +252,7 @@ class FamilyAdapter:
         p = Path(self.model) / self.denoiser_name / "config.json"
         if p.is_file():
             return json.loads(p.read_text())
-        return json.loads(Path(_hub_file(self.model, f"{self.denoiser_name}/config.json"))
+        return json.loads(Path(hub_file(self.model, f"{self.denoiser_name}/config.json"))
                           .read_text())
 
     def latent_shape(self) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Cond, FamilyAdapter, _hub_file
+from .base import Cond, FamilyAdapter, hub_file
 
 SCRIPT_TRAIN_SHIFT = 3.0  # train_dreambooth_lora_qwen_image.py builds its scheduler with shift=3.0
 NEGATIVE_PROMPT = " "  # the empty negative prompt of diffusers' Qwen-Image examples
@@ -60,7 +60,7 @@ class QwenImageAdapter(FamilyAdapter):
         else:
             p = Path(model) / "vae" / "config.json"
             cfg = json.loads(p.read_text() if p.is_file()
-                             else Path(_hub_file(model, "vae/config.json")).read_text())
+                             else Path(hub_file(model, "vae/config.json")).read_text())
         self.vae_scale_factor = 2 ** len(cfg.get("temperal_downsample") or (0, 0, 0))
 
     # ------------------------------------------------------------------ layout

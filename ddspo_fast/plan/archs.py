@@ -99,7 +99,9 @@ def _dtype_name(dt) -> str:
     return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(s, s)
 
 
-def _from_spec(spec, source: str) -> Arch:
+def arch_from_spec(spec, source: str) -> Arch:
+    """The ``Arch`` of a bench/testing spec (family, denoiser class and config, latent and
+    condition shapes); ``source`` says where the spec came from."""
     fam = spec.family
     return Arch(fam, spec.denoiser_cls, dict(spec.config), tuple(spec.latent_shape),
                 {k: (tuple(s), _dtype_name(d)) for k, (s, d) in spec.cond.items()},
@@ -126,7 +128,7 @@ def by_name(name: str) -> Arch:
     if key is None or key not in REAL:
         raise ValueError(f"model: unknown architecture {name!r} (expected a diffusers "
                          f"pipeline folder or one of {', '.join(published_names())})")
-    return _from_spec(REAL[key], f"published config {key} (bench/archs.py)")
+    return arch_from_spec(REAL[key], f"published config {key} (bench/archs.py)")
 
 
 def _read_json(path: Path, what: str) -> dict:

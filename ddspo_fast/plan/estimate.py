@@ -223,10 +223,10 @@ def combine(arch: Arch, opts: PlanOptions, traced: dict) -> Estimate:
 
 def estimate_steps(arch, options: list) -> list:
     """``estimate_step`` for several option sets of one architecture, in one process."""
-    from .archs import _from_spec
+    from .archs import arch_from_spec
 
     if not isinstance(arch, Arch):
-        arch = _from_spec(arch, f"spec {getattr(arch, 'family', '?')}")
+        arch = arch_from_spec(arch, f"spec {getattr(arch, 'family', '?')}")
     for o in options:
         o.check()
     traced = run_worker([step_setup(arch, o) for o in options], timeout=600 * len(options))
@@ -236,10 +236,10 @@ def estimate_steps(arch, options: list) -> list:
 def estimate_step(arch: Arch, opts: Optional[PlanOptions] = None, **kw) -> Estimate:
     """Estimated peak accelerator memory of one training step of ``arch`` (an ``Arch``
     or a Spec of bench/archs.py), with FLOPs; ``kw`` sets ``PlanOptions`` fields."""
-    from .archs import _from_spec
+    from .archs import arch_from_spec
 
     if not isinstance(arch, Arch):
-        arch = _from_spec(arch, f"spec {getattr(arch, 'family', '?')}")
+        arch = arch_from_spec(arch, f"spec {getattr(arch, 'family', '?')}")
     opts = replace(opts or PlanOptions(), **kw)
     opts.check()
     traced = run_worker(step_setup(arch, opts))

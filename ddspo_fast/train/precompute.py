@@ -27,20 +27,9 @@ import torch
 
 from ..fsio import DirLock, atomic_write
 from . import refcache as rc
-from .config import weight_dtype
+from .config import TrainConfig, as_config, weight_dtype
 from .outdir import INPUT_FIELDS, check_apart
 from .pairs import PairLoss, make_inputs, needs_text_encoder, pair_mode
-
-
-
-def _config(config):
-    from .config import TrainConfig
-
-    if isinstance(config, TrainConfig):
-        return config
-    if isinstance(config, dict):
-        return TrainConfig.from_dict(config)
-    return TrainConfig.from_yaml(config)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -154,11 +143,7 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
     from .randcond import load_prompt_pool
 
     # The cache being built is no input of its own precompute (a run's YAML names it).
-    cfg = _config(config).replace(reference_cache=None)
-    if not cfg.model:
-        raise ValueError("model: required (a local diffusers pipeline directory or hub id)")
-    if not cfg.data:
-        raise ValueError("data: required (a pair dataset directory)")
+    cfg = as_config(TrainConfig, config).replace(reference_cache=None)
     cfg.check_ready()
     for name, v in (("draws", draws), ("batch_size", batch_size),
                     ("pairs_per_shard", pairs_per_shard)):
