@@ -1,5 +1,5 @@
-"""The loss benchmark runs end to end and writes the JSON and plot the issue specifies;
-its eager column is the independent script-form loss."""
+"""The loss benchmark runs end to end and writes its JSON and plot; its eager column is
+the independent script-form loss."""
 import json
 import os
 import sys

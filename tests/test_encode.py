@@ -308,7 +308,7 @@ def test_two_processes_write_the_single_process_dataset_and_stop_together(tmp_pa
 
 @pytest.mark.parametrize("source", ["jsonl", "parquet"])
 def test_encode_then_train_from_the_command_line(tmp_path, capsys, source):
-    """Issue 12's workflow as a user types it: image pairs -> `encode` -> `train` (dpo and
+    """Training on existing image pairs as a user types it: image pairs -> `encode` -> `train` (dpo and
     ddspo), all through `ddspo-fast`; bad rows are named and left out."""
     from ddspo_fast import cli
 

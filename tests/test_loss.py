@@ -398,7 +398,7 @@ def test_extension_is_built_where_a_compiler_exists():
     assert _ext.load_error() is None, _ext.load_error()
 
 
-# ------------------------------------------------------------------ API edges (issue 10 section 8)
+# ------------------------------------------------------------------ API edges: gradients, bad input
 @pytest.mark.parametrize("backend", ["torch"] + CPU_KERNELS)
 @pytest.mark.parametrize("packed", [False, True], ids=["standard", "packed"])
 def test_only_model_pred_gets_a_gradient(backend, packed):
@@ -496,7 +496,7 @@ def test_beta_that_cannot_be_represented_is_rejected(beta):
             df.ddspo_loss(m, r, t, beta, backend=backend)
 
 
-# ------------------------------------------------------------------ loss types (issue 12 section 4)
+# ------------------------------------------------------------------ loss types: sigmoid, hinge, ipo
 LOSS_TYPES = ["sigmoid", "hinge", "ipo"]
 
 
@@ -737,7 +737,7 @@ def test_dpo_loss_linear_weighting_is_the_official_scripts(backend):
         assert err <= 2 * float((script[i] - exact[i]).abs().max()) + 1e-6 * float(exact[i].abs().max())
 
 
-# ------------------------------------------------------------------ layout (issue 14 section 2)
+# ------------------------------------------------------------------ memory layout: no copies of the rows
 def _record_ops(fn):
     """Run fn() (forward and backward) recording every op dispatched: [(op, args)]."""
     from torch.utils._python_dispatch import TorchDispatchMode

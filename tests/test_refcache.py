@@ -1,4 +1,4 @@
-"""The reference cache (issue 13): deterministic draws, the precompute, policy-only steps.
+"""The reference cache: deterministic draws, the precompute, policy-only steps.
 
 A cached run and a live run with the same seed see the same draws, so their per-step
 losses and final weights agree; the cached step calls the denoiser on exactly 2 rows per

@@ -1,4 +1,4 @@
-"""What a run leaves and says (issue 9): every file and directory honours the umask, the
+"""What a run leaves and says: every file and directory honours the umask, the
 CPU runs in fp32 by default, ``threads`` sets (and restores) torch's thread count, a start
 banner says what the run is, and tensorboard=True without tensorboard warns once."""
 

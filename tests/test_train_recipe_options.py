@@ -1,5 +1,6 @@
 """The recipe options of TrainConfig reach the step: loss_type, timestep_sampling,
-mode_scale and flow_shift (issue 12 §4), and a family refuses a scheme it lacks."""
+mode_scale and flow_shift (the options of the public training scripts), and a family
+refuses a scheme it lacks."""
 
 import pytest
 import torch

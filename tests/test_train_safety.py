@@ -1,4 +1,4 @@
-"""Runs that go wrong never lose work and never lie (issue 10): a used output_dir is refused,
+"""Runs that go wrong never lose work and never lie: a used output_dir is refused,
 a non-finite loss stops the run before anything non-finite is saved, one trainer per
 output_dir, a full disk names the path and keeps the earlier results, resume refuses a
 changed run and applies changed settings, damaged checkpoints are named (and skipped by

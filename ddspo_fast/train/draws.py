@@ -1,7 +1,7 @@
 """Deterministic draws: each pair-draw's randomness is a pure function of
 ``(seed, pair id, draw index)``.
 
-A pair-draw is one pair at one ``(t, eps)`` (DESIGN.md section 1). Its timestep, noise,
+A pair-draw is one pair at one ``(t, eps)`` (docs/internals.md §4). Its timestep, noise,
 random-condition decision and substitute prompt come from a CPU ``torch.Generator``
 seeded with a hash of ``(seed, pair id, draw index)``, drawn in a fixed order and only
 then moved to the training device. So a draw is the same on any device, world size,

@@ -1,5 +1,6 @@
 """The reference cache: the frozen networks' outputs on every pair-draw, stored ahead of
-training (DESIGN.md section 1b). Format, fingerprint and reader; ``precompute.py`` writes it.
+training, so a step runs the policy alone (docs/internals.md §4). Format, fingerprint and
+reader; ``precompute.py`` writes it.
 
     CACHE/
       cache.json                            format, version, fingerprint, pairs, draws
