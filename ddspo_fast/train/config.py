@@ -228,7 +228,7 @@ class TrainConfig:
     progress: bool = _f(True, "Show a tqdm progress bar on the main process.")
     save_final: bool = _f(True, "Save the trained pipeline / LoRA weights to output_dir at "
                                 "the end.")
-    # ---------------------------------------------------------------- run safety (issue 10)
+    # ---------------------------------------------------------------- run safety
     overwrite: bool = _f(False, "Start afresh in an output_dir that holds an earlier run: its "
                                 "checkpoints, metrics and logs are deleted (its final weights "
                                 "are replaced at the end). Without it such a directory is "
@@ -241,25 +241,25 @@ class TrainConfig:
                                    "NonFiniteError naming the step, keeping every finite "
                                    "checkpoint; skip = check every step (one host sync each) "
                                    "and skip that step's update.", choices=ON_NONFINITE)
-    # ---------------------------------------------------------------- CPU threads (issue 9)
+    # ---------------------------------------------------------------- CPU threads
     threads: Optional[int] = _f(None, "Intra-op CPU threads while training. None = torch's "
                                       "setting (the physical cores, or OMP_NUM_THREADS) "
                                       "shared among the processes on this machine; on a "
                                       "machine busy with other work fewer threads (even 1) "
                                       "are often faster.")
-    # ---------------------------------------------------------------- reference cache (issue 13)
+    # ---------------------------------------------------------------- reference cache
     reference_cache: Optional[str] = _f(
         None, "A directory written by `ddspo-fast precompute` with the frozen networks' "
               "outputs for every pair-draw of this run: each step then runs the policy only "
               "(2 rows per pair), and no reference copy, adapters-off call or pair adapter "
               "is loaded. Refused, naming the setting, when it was made for another model, "
               "data, objective, seed or precision, or holds too few draws.")
-    # ---------------------------------------------------------------- loss type (issue 12)
+    # ---------------------------------------------------------------- loss type
     loss_type: str = _f("sigmoid", "Per-pair loss on the margin z = -(beta/2)*((m_w-m_l)-(r_w-r_l)): "
                                    "sigmoid = -log sigmoid(z) (DDSPO, Diffusion-DPO); hinge = "
                                    "max(0, 1-z); ipo = (z/beta - 1/(2 beta))^2.",
                         choices=LOSS_TYPES)
-    # ---------------------------------------------------------------- timestep sampling (issue 12)
+    # ---------------------------------------------------------------- timestep sampling
     timestep_sampling: Optional[str] = _f(
         None, "How training timesteps are drawn. None = the family's official default "
               "(uniform for SD1.x, SDXL, SANA and FLUX; logit_normal for SD3 / SD3.5). Flow "
@@ -399,7 +399,7 @@ class TrainConfig:
             raise bad("device", "None or one of 'cpu', 'cuda', 'cuda:N', 'mps'")
         if not isinstance(self.backend, str) or not self.backend:
             raise bad("backend", "a backend name such as 'auto'")
-        if self.reference_cache is not None:  # reference cache (issue 13)
+        if self.reference_cache is not None:
             if not isinstance(self.reference_cache, (str, os.PathLike)) \
                     or str(self.reference_cache) == "":
                 raise bad("reference_cache", "None or a directory written by "
