@@ -30,63 +30,60 @@ _ST = "https://github.com/bghira/SimpleTuner/blob/main/documentation/quickstart/
 _DB = "https://github.com/huggingface/diffusers/blob/main/examples/dreambooth/README.md"
 _DBXL = "https://github.com/huggingface/diffusers/blob/main/examples/dreambooth/README_sdxl.md"
 
+# The runs one source measured share a setup; each of its rows states how it differs
+_FLUX_BLOG_RUN = dict(mode="sft", batch=1, lora_rank=4, precision="bf16", checkpointing=True,
+                      optimizer="adamw8bit", height=768, width=512, text_tokens=77)
+_PEFT_RUN = dict(mode="sft", batch=2, precision="fp32", attention="math",
+                 optimizer="adamw-foreach", text_encoders="fp32", vae="fp32")
+_ST_RUN = dict(mode="sft", batch=1, lora_rank=16, precision="bf16-pure", checkpointing=True,
+               optimizer="adamw")
+
 ROWS = [
     dict(id="flux-qlora-nf4", source=_FLUX_BLOG,
          quote="QLoRA: Peak VRAM usage for QLoRA fine-tuning was approximately 9GB.",
          value_gb=9.0, kind="nvidia-smi", model="flux-dev",
-         options=dict(mode="sft", batch=1, lora_rank=4, precision="bf16", base="nf4",
-                      checkpointing=True, optimizer="adamw8bit", height=768, width=512,
-                      text_tokens=77),
+         options=dict(_FLUX_BLOG_RUN, base="nf4"),
          unmodelled="bitsandbytes' NF4 matmul workspace beyond one dequantized layer"),
     dict(id="flux-qlora-bf16", source=_FLUX_BLOG,
          quote="BF16 LoRA: Running standard LoRA (with the base FLUX.1-dev in FP16) on the "
                "same setup consumed 26 GB VRAM.",
          value_gb=26.0, kind="nvidia-smi", model="flux-dev",
-         options=dict(mode="sft", batch=1, lora_rank=4, precision="bf16", base="bf16",
-                      checkpointing=True, optimizer="adamw8bit", height=768, width=512,
-                      text_tokens=77),
+         options=dict(_FLUX_BLOG_RUN, base="bf16"),
          unmodelled=""),
     dict(id="peft-sd14-full", source=_PEFT,
          quote="CompVis/stable-diffusion-v1-4 | Full Finetuning: 27.5GB GPU / 3.97GB CPU",
          value_gb=27.5, kind="allocated", model="sd15",
-         options=dict(mode="sft", batch=2, precision="fp32", attention="math",
-                      optimizer="adamw-foreach", text_encoders="fp32", vae="fp32"),
+         options=dict(_PEFT_RUN),
          unmodelled="the text encoder is trained too (its gradients, Adam states and "
                     "activations: ~1.5 GB not counted); 2 rows = 1 instance + 1 prior image",
          judge="lower-bound"),
     dict(id="peft-sd14-lora", source=_PEFT,
          quote="CompVis/stable-diffusion-v1-4 | PEFT-LoRA: 15.5GB GPU / 3.84GB CPU",
          value_gb=15.5, kind="allocated", model="sd15",
-         options=dict(mode="sft", batch=2, lora_rank=16, precision="fp32", attention="math",
-                      optimizer="adamw-foreach", text_encoders="fp32", vae="fp32"),
+         options=dict(_PEFT_RUN, lora_rank=16),
          unmodelled="LoRA on the text encoder (rank 16) trained too: its activations"),
     dict(id="peft-sd14-lora-ckpt", source=_PEFT,
          quote="CompVis/stable-diffusion-v1-4 | PEFT-LoRA with Gradient Checkpointing: "
                "8.12GB GPU / 3.77GB CPU",
          value_gb=8.12, kind="allocated", model="sd15",
-         options=dict(mode="sft", batch=2, lora_rank=16, precision="fp32", attention="math",
-                      checkpointing=True, optimizer="adamw-foreach", text_encoders="fp32",
-                      vae="fp32"),
+         options=dict(_PEFT_RUN, lora_rank=16, checkpointing=True),
          unmodelled="LoRA on the text encoder (rank 16) trained too: its activations"),
     dict(id="simpletuner-flux-lora16", source=_ST,
          quote="rank-16 LoRA ... a bit more than 30G VRAM when not quantising the base model",
          value_gb=30.0, kind="nvidia-smi", model="flux-dev",
-         options=dict(mode="sft", batch=1, lora_rank=16, precision="bf16-pure",
-                      checkpointing=True, optimizer="adamw"),
+         options=dict(_ST_RUN),
          unmodelled="resolution not stated (read as 1024 px, the quickstart's subject "
                     "set); LoRA on every linear layer ('all'), read as attention only"),
     dict(id="simpletuner-flux-int8", source=_ST,
          quote="a bit more than 18G VRAM when quantising to int8 + bf16 base/LoRA weights",
          value_gb=18.0, kind="nvidia-smi", model="flux-dev",
-         options=dict(mode="sft", batch=1, lora_rank=16, precision="bf16-pure", base="int8",
-                      checkpointing=True, optimizer="adamw"),
+         options=dict(_ST_RUN, base="int8"),
          unmodelled="quanto int8 (read as 1 B per weight + row scales); resolution read as "
                     "1024 px; LoRA targets read as attention only"),
     dict(id="simpletuner-flux-nf4", source=_ST,
          quote="a bit more than 9G VRAM when quantising to NF4 + bf16 base/LoRA weights",
          value_gb=9.0, kind="nvidia-smi", model="flux-dev",
-         options=dict(mode="sft", batch=1, lora_rank=16, precision="bf16-pure", base="nf4",
-                      checkpointing=True, optimizer="adamw"),
+         options=dict(_ST_RUN, base="nf4"),
          unmodelled="the page's NF4 figure is ~9 GB below its int8 figure, where the "
                     "stored weights differ by 4.8 GiB: the NF4 run differs from the stated "
                     "setup in a way the page does not say (resolution is not stated; read "
