@@ -25,7 +25,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .parallel import Problem, Produced, fill_dataset, store_dtype as _store_dtype, to_store
+from .parallel import (Problem, Produced, fill_dataset, process_device,
+                       store_dtype as _store_dtype, to_store)
 from .validate import same_condition_problem
 
 log = logging.getLogger(__name__)
@@ -243,8 +244,6 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
         store_dtype, shard_size, device, family, progress, on_batch: as ``prepare``.
         on_problem: called (main process) for each pair left out; the default logs it.
     """
-    from accelerate import PartialState
-
     from ..models import detect_family, load_adapter
     from . import PairWriter
     from .degrade import RULE_METHODS
@@ -283,15 +282,7 @@ def encode_pairs(model, pairs, out, *, resolution: Union[int, Sequence[int], Non
         else:
             log.warning("encode: left out %s", p)
 
-    if device is not None:
-        from ..devices import check_device
-
-        try:
-            check_device(str(device))
-        except ValueError as e:
-            raise ValueError(f"device: {e}") from None
-    state = PartialState(cpu=(str(device) == "cpu") if device is not None else False)
-    dev = torch.device(device) if device is not None else state.device
+    state, dev = process_device(device)
     fam = family or detect_family(str(model))
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32

@@ -29,6 +29,22 @@ def store_dtype(name: str) -> torch.dtype:
     return STORE_DTYPES[name]
 
 
+def process_device(device=None):
+    """``(accelerate's PartialState, this process's torch.device)``: ``device`` when given
+    (checked to exist first, an error naming it), else accelerate's choice for the process."""
+    from accelerate import PartialState
+
+    if device is not None:
+        from ..devices import check_device
+
+        try:
+            check_device(str(device))
+        except ValueError as e:
+            raise ValueError(f"device: {e}") from None
+    state = PartialState(cpu=(str(device) == "cpu") if device is not None else False)
+    return state, (torch.device(device) if device is not None else state.device)
+
+
 def to_store(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A tensor as stored in a dataset: floating point cast to ``dtype``, on the CPU."""
     return (t.to(dtype) if t.is_floating_point() else t).cpu()

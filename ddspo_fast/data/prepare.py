@@ -32,7 +32,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..fsio import iter_jsonl
-from .parallel import Problem, Produced, fill_dataset, store_dtype as _store_dtype, to_store
+from .parallel import (Problem, Produced, fill_dataset, process_device,
+                       store_dtype as _store_dtype, to_store)
 from .validate import same_condition_problem
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,6 @@ def prepare_dataset(model, prompts, out, *, steps: int | None = None, cfg: float
     Multi-GPU: ``accelerate launch`` splits the batches across processes; the main
     process does all the writing. Returns ``str(out)``.
     """
-    from accelerate import PartialState
-
     from ..models import detect_family, load_adapter
     from . import PairWriter
     from .provenance import INFO_KEY, encoder_fingerprint
@@ -204,15 +203,7 @@ def prepare_dataset(model, prompts, out, *, steps: int | None = None, cfg: float
         raise ValueError("out: expected an output directory")
     check_dataset_out(out, model=model, prompts=prompts)
     records = load_prompt_records(prompts)
-    if device is not None:
-        from ..devices import check_device
-
-        try:
-            check_device(str(device))
-        except ValueError as e:
-            raise ValueError(f"device: {e}") from None
-    state = PartialState(cpu=(str(device) == "cpu") if device is not None else False)
-    dev = torch.device(device) if device is not None else state.device
+    state, dev = process_device(device)
     fam = family or detect_family(str(model))
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
