@@ -138,6 +138,15 @@ def _fake_model(root: Path) -> Path:
     return m
 
 
+def _inputs(root: Path):
+    """A fake model, an empty data folder and a one-prompt JSONL under ``root``."""
+    d = root / "data"
+    d.mkdir()
+    p = root / "prompts.jsonl"
+    p.write_text('{"prompt": "a cat"}\n')
+    return _fake_model(root), d, p
+
+
 def _tree(p: Path):
     return sorted(str(x.relative_to(p)) for x in p.rglob("*"))
 
@@ -158,11 +167,7 @@ def _tree(p: Path):
     "export {d} --model {m} --out {m}",
 ])
 def test_cli_refuses_an_output_on_an_input_and_leaves_it_untouched(argv, tmp_path, capsys):
-    m = _fake_model(tmp_path)
-    d = tmp_path / "data"
-    d.mkdir()
-    p = tmp_path / "prompts.jsonl"
-    p.write_text('{"prompt": "a cat"}\n')
+    m, d, p = _inputs(tmp_path)
     before = _tree(tmp_path)
     rc = main(argv.format(m=m, d=d, p=p, root=tmp_path).split())
     line = _err(capsys)
@@ -227,11 +232,7 @@ def test_prepare_and_encode_refuse_an_output_on_an_input(tmp_path):
     ("encode --model {m} --pairs {p} --out {o} --resolution 1000000", "--resolution"),
 ])
 def test_bad_numbers_and_devices_are_one_line_naming_the_flag(argv, flag, tmp_path, capsys):
-    m = _fake_model(tmp_path)
-    d = tmp_path / "data"
-    d.mkdir()
-    p = tmp_path / "prompts.jsonl"
-    p.write_text('{"prompt": "a cat"}\n')
+    m, d, p = _inputs(tmp_path)
     rc = main(argv.format(m=m, d=d, p=p, o=tmp_path / "out").split())
     line = _err(capsys)
     # a config field's flag is named in both spellings (--logit_std/--logit-std)
@@ -244,11 +245,7 @@ def test_bad_numbers_and_devices_are_one_line_naming_the_flag(argv, flag, tmp_pa
                                  "evaluate {m} --prompts {p} --clip {m}",
                                  "encode --model {m} --pairs {p} --out {o}"])
 def test_device_cuda_without_cuda_is_one_line(cmd, tmp_path, capsys):
-    m = _fake_model(tmp_path)
-    d = tmp_path / "data"
-    d.mkdir()
-    p = tmp_path / "prompts.jsonl"
-    p.write_text('{"prompt": "a cat"}\n')
+    m, d, p = _inputs(tmp_path)
     rc = main((cmd + " --device cuda").format(m=m, d=d, p=p, o=tmp_path / "o").split())
     line = _err(capsys)
     assert rc == 2 and "argument --device" in line and "no CUDA device" in line
