@@ -3,15 +3,12 @@ plus the counted parts (``analytic.py``), per phase, with FLOPs and what would f
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 from . import analytic, margin
 from .archs import Arch
+from .fresh_process import run_worker_module
 from .step import MODES, PRECISIONS, StepSetup
 
 GiB = 1 << 30
@@ -96,18 +93,9 @@ def step_setup(arch: Arch, opts: PlanOptions, *, granule: int = 512, gpu_rules: 
 def run_worker(setup, timeout: float = 600):
     """The traced step, in a fresh process (the GPU rules are process-wide); a list of
     setups is traced in one process and gives a list."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "ddspo_fast.plan.worker"],
-                          input=json.dumps([asdict(x) for x in setup] if isinstance(setup, list)
-                                           else asdict(setup)),
-                          capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    if proc.returncode != 0:
-        tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
-        raise RuntimeError(f"the planner's traced step failed: {tail}")
-    return json.loads(proc.stdout)
+    payload = [asdict(x) for x in setup] if isinstance(setup, list) else asdict(setup)
+    return run_worker_module("ddspo_fast.plan.worker", payload, timeout,
+                             "the planner's traced step")
 
 
 @dataclass

@@ -7,15 +7,12 @@ Offloading: ``none`` keeps every component on the GPU; ``model`` (diffusers'
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from . import margin
 from .archs import Arch
+from .fresh_process import run_worker_module
 
 GiB = 1 << 30
 STAGES = ("text encoders", "denoiser", "vae decode")
@@ -38,16 +35,8 @@ class InferSetup:
 
 
 def _worker(setup: InferSetup) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "ddspo_fast.plan.infer_worker"],
-                          input=json.dumps(asdict(setup)), capture_output=True, text=True,
-                          timeout=600, env=env)
-    if proc.returncode != 0:
-        tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
-        raise RuntimeError(f"the planner's traced pipeline run failed: {tail}")
-    return json.loads(proc.stdout)
+    return run_worker_module("ddspo_fast.plan.infer_worker", asdict(setup), 600,
+                             "the planner's traced pipeline run")
 
 
 @dataclass
