@@ -108,15 +108,12 @@ def add_arguments(p) -> None:
 
 
 def _read_prompts(path: str) -> list:
-    from ..data.degrade import read_prompts
+    from ..data.degrade import prompt_texts
 
     try:
-        prompts = [item["prompt"] for item in read_prompts(path)]
-    except ValueError as e:
-        raise CLIError(f"argument --prompts: {one_line(e)}") from e
-    if not prompts:
-        raise CLIError(f"argument --prompts: no prompts in {path}")
-    return prompts
+        return prompt_texts(path)
+    except ValueError as e:  # "prompts: ..."
+        raise CLIError(f"argument --{one_line(e)}") from e
 
 
 def _emit(text: str) -> None:

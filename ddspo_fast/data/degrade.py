@@ -519,6 +519,18 @@ def read_prompts(path) -> List[dict]:
     return items
 
 
+def prompt_texts(path) -> List[str]:
+    """The prompts of a file as ``read_prompts`` reads it, at least one; a bad or empty
+    file is a ValueError ``"prompts: ..."`` (the argument it is about)."""
+    try:
+        prompts = [item["prompt"] for item in read_prompts(path)]
+    except ValueError as e:
+        raise ValueError(f"prompts: {e}") from e
+    if not prompts:
+        raise ValueError(f"prompts: no prompts in {path}")
+    return prompts
+
+
 def _text_lines(path: Path) -> List[str]:
     """The stripped lines of a UTF-8 text file. Only ``\n`` (or ``\r\n``) ends a line: a
     bare ``\r`` inside a line is whitespace in the prompt, not a line break, as in JSONL.

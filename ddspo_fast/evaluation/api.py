@@ -295,7 +295,7 @@ def render_benchmark(model, fmt: str, prompts_file, out_dir, *, num_images_per_p
     """Generate the images of a benchmark's prompt file into ``out_dir`` in the layout its
     scorer reads (``formats``): GenEval from its evaluation_metadata.jsonl, T2I-CompBench
     from one of its prompt .txt files. Resumable like ``evaluate``."""
-    from ..data.degrade import read_prompts
+    from ..data.degrade import prompt_texts
     from . import formats
 
     if fmt not in formats.FORMATS:
@@ -306,12 +306,7 @@ def render_benchmark(model, fmt: str, prompts_file, out_dir, *, num_images_per_p
         records = formats.read_geneval_metadata(prompts_file)
         prompts = [r["prompt"] for r in records]
     else:
-        try:
-            prompts = [r["prompt"] for r in read_prompts(prompts_file)]
-        except ValueError as e:
-            raise ValueError(f"prompts: {e}") from e
-        if not prompts:
-            raise ValueError(f"prompts: no prompts in {prompts_file}")
+        prompts = prompt_texts(prompts_file)
     _check_common(prompts, num_images_per_prompt, steps, seed, guidance_scale, batch_size)
     device = _device(device)
     if isinstance(model, (str, os.PathLike)):
