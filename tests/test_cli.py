@@ -140,11 +140,24 @@ def test_version_and_usage_error_exit_codes(capsys):
         (["prepare", "--model", "/nonexistent/m", "--prompts", "p.jsonl", "--out", "o"], 1, ["--model"]),
         (["evaluate", "/nonexistent/m", "--prompts", "/nonexistent/p.txt", "--clip", "c"], 1, ["--prompts"]),
         (["train", "--config", "/nonexistent/c.yaml"], 1, ["--config", "does not exist"]),
+        (["precompute", "--config", "/nonexistent/c.yaml", "--out", "o", "--draws", "1"], 1,
+         ["--config", "does not exist"]),
+        (["plan", "--config", "/nonexistent/c.yaml"], 1, ["--config", "does not exist"]),
     ],
 )
 def test_errors_are_one_line(argv, code, fragments, capsys):
     assert cli.main(argv) == code
     assert_one_line_error(capsys.readouterr().err, *fragments)
+
+
+@pytest.mark.parametrize("command", ["train", "train-pair", "precompute", "plan"])
+def test_a_bad_value_in_a_config_file_names_the_file_and_key(command, tmp_path, capsys):
+    """Every command that reads a run's --config YAML reads it the same way."""
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model: m\ndata: d\nseed: many\n")
+    extra = ["--out", str(tmp_path / "o"), "--draws", "1"] if command == "precompute" else []
+    assert cli.main([command, "--config", str(bad), *extra]) == 1
+    assert_one_line_error(capsys.readouterr().err, f"argument --config: {bad}: seed: expected")
 
 
 def test_missing_optional_module_is_one_line(monkeypatch, capsys):

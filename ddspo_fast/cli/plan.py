@@ -109,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = None
     if args.config:
         from ..train import TrainConfig
-        cfg = TrainConfig.from_yaml(args.config)
+        from ._config_args import config_from_args
+
+        # the file only: plan's own flags are no TrainConfig fields
+        cfg = config_from_args(args, TrainConfig, fields=())
     model = args.model or (cfg.model if cfg is not None else None)
     if not model:
         raise CLIError("--model: required (a published architecture such as sdxl, or a "
