@@ -16,9 +16,6 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd15", "sdxl", "sd3", "sana")
-
-
 @dataclass
 class Spec:
     """One denoiser to benchmark: its class and config, and the tensors a step feeds it."""

@@ -45,7 +45,7 @@ class Flux2Adapter(FamilyAdapter):
     cond_keys = ("prompt_embeds",)
     text_components = ("text_encoder", "tokenizer")
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj")
-    is_unet = False
+    wrap_blocks = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
     timestep_sampling = "uniform"
     max_sequence_length = MAX_SEQUENCE_LENGTH
     vae_latent_mode = "mean"  # the scripts encode with latent_dist.mode()

@@ -268,9 +268,9 @@ class Trainer:
             have = tuple(self.dataset[0]["latent_w"].shape)
         if tuple(have) != want:
             raise ValueError(f"data: {self.config.data} holds latents of shape {list(have)} "
-                             f"but the model {self.config.model} takes {list(want)} "
-                             "(channels, height, width); prepare the pairs with this model "
-                             "(ddspo-fast prepare --model ...)")
+                             f"but the model {self.config.model} takes "
+                             f"{self.adapter.describe_latents(want)}; prepare the pairs with "
+                             "this model (ddspo-fast prepare --model ...)")
 
     def _load_pair_adapters(self, module) -> None:
         win, lose = find_pair_dirs(self.config.pair_lora)
