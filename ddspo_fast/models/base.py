@@ -38,6 +38,7 @@ import torch
 from .quiet import cast_module, quiet_loading
 from .schedule import (DDPM_TIMESTEP_SCHEMES, FLOW_TIMESTEP_SCHEMES, DDPMSchedule,
                        DynamicFlowSchedule, FlowSchedule, NoiseSchedule, from_scheduler_config)
+from .vae_norm import ChannelStats, ScaleShift
 
 Cond = dict  # {key: Tensor (n, ...)}
 
@@ -349,23 +350,34 @@ class FamilyAdapter:
         self.train_guidance = float(value)
 
     # ------------------------------------------------------------------ latent scaling
-    def vae_to_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw VAE encoder output -> the denoiser's latent space."""
+    def vae_normalisation(self):
+        """The map between VAE latents and the denoiser's space (``vae_norm.py``): the VAE
+        config's per-channel ``latents_mean`` / ``latents_std`` where it has both (as
+        diffusers' pipelines apply them), else its scaling and shift factors."""
         if self.vae_latents_stats is not None:
-            mean, std = (self._bcast_channels(v, z) for v in self.vae_latents_stats)
-            return (z - mean) * self.vae_scaling_factor / std
-        return (z - self.vae_shift_factor) * self.vae_scaling_factor
+            return ChannelStats(*self.vae_latents_stats, scale=self.vae_scaling_factor)
+        return ScaleShift(self.vae_scaling_factor, self.vae_shift_factor)
+
+    @property
+    def channel_axis(self) -> int:
+        """The channel axis of a batch of stored latents (from ``latent_axes``)."""
+        return 1 + self.latent_axes.index("channels")
+
+    def vae_layout(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE encoder's latents -> the stored layout (FLUX.2: 2x2 patchified)."""
+        return z
+
+    def vae_unlayout(self, x: torch.Tensor) -> torch.Tensor:
+        """The stored layout -> the VAE decoder's latent layout."""
+        return x
+
+    def vae_to_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE encoder output -> the denoiser's latent space (stored layout)."""
+        return self.vae_normalisation().to_latents(self.vae_layout(z), self.channel_axis)
 
     def latents_to_vae(self, x: torch.Tensor) -> torch.Tensor:
         """The denoiser's latent space -> what the VAE decoder takes."""
-        if self.vae_latents_stats is not None:
-            mean, std = (self._bcast_channels(v, x) for v in self.vae_latents_stats)
-            return x * std / self.vae_scaling_factor + mean
-        return x / self.vae_scaling_factor + self.vae_shift_factor
-
-    @staticmethod
-    def _bcast_channels(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return v.to(like.device, like.dtype).reshape(1, -1, *([1] * (like.dim() - 2)))
+        return self.vae_unlayout(self.vae_normalisation().to_vae(x, self.channel_axis))
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
