@@ -106,17 +106,21 @@ def load_family_plugins() -> None:
                 _LOADED.discard(spec)  # say so again next time, not silently pass
                 raise
     if "entry-points" not in _LOADED:
-        _LOADED.add("entry-points")
         from importlib.metadata import entry_points
 
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            where = f"entry point {ep.name!r} ({ENTRY_POINT_GROUP})"
-            try:
-                obj = ep.load()
-            except (ImportError, AttributeError) as e:
-                raise ValueError(f"{where}: cannot load {ep.value!r} "
-                                 f"({type(e).__name__}: {e})") from e
-            _register_from(obj, where)
+        _LOADED.add("entry-points")
+        try:
+            for ep in entry_points(group=ENTRY_POINT_GROUP):
+                where = f"entry point {ep.name!r} ({ENTRY_POINT_GROUP})"
+                try:
+                    obj = ep.load()
+                except (ImportError, AttributeError) as e:
+                    raise ValueError(f"{where}: cannot load {ep.value!r} "
+                                     f"({type(e).__name__}: {e})") from e
+                _register_from(obj, where)
+        except BaseException:
+            _LOADED.discard("entry-points")
+            raise
 
 
 def family_names() -> tuple[str, ...]:

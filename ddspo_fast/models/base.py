@@ -125,7 +125,9 @@ class FamilyAdapter:
         # A flow family's regression target depends on what its predict returns
         # (velocity, x0...): no default could be right, so it must say.
         if cls.flow and cls.dpo_target is FamilyAdapter.dpo_target:
-            raise TypeError(f"{cls.__name__}: a flow-matching family must define dpo_target")
+            raise TypeError(f"{cls.__name__} (family {cls.name!r}): a flow-matching family "
+                            "must define dpo_target(x0, noise, timesteps), the target in the "
+                            "space its predict returns (velocity noise - x0, x0, ...)")
 
     def __init__(self, pipe, model: str, *, device: torch.device, dtype: torch.dtype):
         self.pipe = pipe

@@ -35,7 +35,7 @@ class StepSetup:
     """What one step's memory depends on (all JSON-serialisable)."""
     denoiser_cls: str
     config: dict
-    latent_shape: list          # (C, h, w) of one row
+    latent_shape: list          # one row's latent, as the family stores it
     cond: dict                  # key -> [shape per row, dtype name]
     pairs: int = 1              # pairs per micro-batch (rows, for sft)
     mode: str = "ddspo"
@@ -144,8 +144,7 @@ def build(setup: StepSetup, make, weights_dir: Optional[str] = None):
 
 # ------------------------------------------------------------------ inputs
 def inputs(setup: StepSetup, rows: int, make_input) -> tuple:
-    c, h, w = setup.latent_shape
-    x = make_input((rows, c, h, w), torch.float32)
+    x = make_input((rows, *setup.latent_shape), torch.float32)
     t = make_input((rows,), timestep_dtype(setup.family))
     # Stored embeddings are fp16; CPU autocast refuses to mix fp16 into bf16 promotion
     # (CUDA does not), so they come in the compute dtype: the same bytes, tiny anyway.
