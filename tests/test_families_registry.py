@@ -43,9 +43,11 @@ def test_wrap_blocks_are_blocks_of_the_denoiser(spec_name):
     present = {type(m).__name__ for m in den.modules()}
     cls = get_family(spec.family)
     assert set(cls.wrap_blocks) & present, (spec_name, cls.wrap_blocks)
-    wrapped = [m for m in den.modules() if type(m).__name__ in cls.wrap_blocks]
-    inside = sum(p.numel() for m in wrapped for p in m.parameters())
+    units = cls.wrap_units(den)
+    ids = [id(p) for m in units for p in m.parameters()]
+    assert len(ids) == len(set(ids))  # no parameter in two units
     # the blocks hold most of the weights (what sharding them is for)
+    inside = sum(p.numel() for m in units for p in m.parameters())
     assert inside > 0.5 * sum(p.numel() for p in den.parameters())
 
 

@@ -324,6 +324,19 @@ class FamilyAdapter:
 
     # ------------------------------------------------------------------ preparing
     @classmethod
+    def wrap_units(cls, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's modules of a ``wrap_blocks`` class, outermost first: what a
+        sharded run wraps one by one (a unit nested in another is not listed twice)."""
+        units: list[torch.nn.Module] = []
+        inside: set[int] = set()
+        for m in denoiser.modules():
+            if id(m) in inside or type(m).__name__ not in cls.wrap_blocks:
+                continue
+            units.append(m)
+            inside.update(id(sub) for sub in m.modules())
+        return units
+
+    @classmethod
     def memory_format(cls, channels_last: bool = True) -> Optional[torch.memory_format]:
         """The memory format the denoiser and its inputs take in a run: the family's
         ``denoiser_memory_format`` where the run allows it (``channels_last``), else None
