@@ -11,7 +11,8 @@ nothing is ever downloaded. A tiny pipeline loads with the ordinary
 
 ``TINY_MODELS`` names every tiny model: one per family (its name) and one per further
 variant ("flux" is FLUX.1 [dev], "flux-schnell"; "sd35" is SD3.5-medium's structure,
-"sd35-large"; "flux2" is FLUX.2 [dev], "flux2-klein").
+"sd35-large"; "flux2" is FLUX.2 [dev], "flux2-klein"). A family registered from outside
+the library adds its own with ``register_tiny_model(name, family, build)``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from pathlib import Path
 import torch
 
 from .models import family_names
-
-FAMILIES = family_names()
 
 # A few words so tokenizers have merges that actually fire on test prompts.
 _WORDS = ("a", "the", "photo", "of", "cat", "dog", "red", "blue", "on", "in", "with",
@@ -443,7 +442,17 @@ TINY_MODELS = {
     "flux2": ("flux2", _build_flux2_dev),
     "flux2-klein": ("flux2", _build_flux2_klein),
 }
-_BUILDERS = {name: build for name, (_, build) in TINY_MODELS.items()}
+
+
+def register_tiny_model(name: str, family: str, build) -> None:
+    """Add tiny model ``name`` of the registered ``family``: ``build()`` returns the
+    diffusers pipeline object ``make_tiny_model`` saves (fixed seeds inside)."""
+    if family not in family_names():
+        raise ValueError(f"family: {family!r} is not a registered family "
+                         f"(register_family first; registered: {', '.join(family_names())})")
+    if name in TINY_MODELS and TINY_MODELS[name] != (family, build):
+        raise ValueError(f"name: a tiny model {name!r} is already registered")
+    TINY_MODELS[name] = (family, build)
 
 
 def make_tiny_model(family: str, path: str | os.PathLike) -> str:
@@ -453,8 +462,8 @@ def make_tiny_model(family: str, path: str | os.PathLike) -> str:
     Deterministic (fixed seeds), written atomically (temp dir, then rename; an
     existing complete pipeline at ``path`` is reused). Returns ``str(path)``.
     """
-    if family not in _BUILDERS:
-        raise ValueError(f"family: expected one of {sorted(_BUILDERS)}, got {family!r}")
+    if family not in TINY_MODELS:
+        raise ValueError(f"family: expected one of {sorted(TINY_MODELS)}, got {family!r}")
     path = Path(path)
     if (path / "model_index.json").is_file():
         return str(path)
@@ -464,7 +473,7 @@ def make_tiny_model(family: str, path: str | os.PathLike) -> str:
     state = torch.random.get_rng_state()
     try:
         with quiet_loading():  # no shard-writing bars, no torchvision notice
-            pipe = _BUILDERS[family]()
+            pipe = TINY_MODELS[family][1]()
     finally:
         torch.random.set_rng_state(state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

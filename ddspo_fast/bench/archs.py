@@ -16,9 +16,6 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd15", "sdxl", "sd3", "sana")
-
-
 @dataclass
 class Spec:
     """One denoiser to benchmark: its class and config, and the tensors a step feeds it."""
@@ -249,7 +246,9 @@ def write_model(spec: Spec, root: Path, device: torch.device) -> Path:
     """
     import diffusers
 
-    name = "unet" if spec.denoiser_cls.startswith("UNet") else "transformer"
+    from ..models import get_family
+
+    name = get_family(spec.family).denoiser_name
     path = root / f"{spec.family}-{'x'.join(map(str, spec.latent_shape))}"
     if (path / name / "config.json").is_file():
         return path

@@ -157,6 +157,8 @@ OFFICIAL_SOURCE = {
     "sana": "KU-MIIL/DDSPO scripts/train_ddspo_sana.sh: --mixed_precision no, --rank 128 LoRA "
             "on to_q/to_k/to_v, AdamW; reference = adapter off (ddspo/adapters/sana.py)",
 }
+# The families the official DDSPO code trains (the recipes above): the ladder's families.
+FAMILIES = tuple(OFFICIAL_SOURCE)
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,9 @@ from typing import Optional
 
 import torch
 
+from ..models import get_family
 from . import ladder as lad
-from .archs import FAMILIES, REAL, TINY, Spec, make_batch, write_dataset, write_model
+from .archs import REAL, TINY, Spec, make_batch, write_dataset, write_model
 from .device import cpu_model, device_name, free_memory, peak_tflops, slug
 from .measure import Entry, find_max_batch, run_interleaved
 from .report import (CACHED_ROW, DEFAULTS_ROW, DEFINITIONS, TUNED_ROW, build_rows,
@@ -124,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default)")
     p.add_argument("--tiny", action="store_true", help="tiny configs (CPU CI)")
-    p.add_argument("--families", default=",".join(FAMILIES),
-                   help=f"comma-separated subset of {','.join(FAMILIES)}")
+    p.add_argument("--families", default=",".join(lad.FAMILIES),
+                   help=f"comma-separated subset of {','.join(lad.FAMILIES)}")
     p.add_argument("--rungs", default=None,
                    help=f"comma-separated rungs to measure (default all: {','.join(lad.RUNG_NAMES)}); "
                         "the others are reported as not selected, their changes still apply")
@@ -190,8 +191,9 @@ def _main(argv=None) -> int:
         raise _fail("--find-max-batch needs a CUDA device")
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     for f in families:
-        if f not in FAMILIES:
-            raise _fail(f"--families: unknown family {f!r} (choose from {', '.join(FAMILIES)})")
+        if f not in lad.FAMILIES:
+            raise _fail(f"--families: unknown family {f!r} (choose from "
+                        f"{', '.join(lad.FAMILIES)})")
     only = None
     if args.rungs:
         only = {r.strip() for r in args.rungs.split(",") if r.strip()}
@@ -264,7 +266,8 @@ def _main(argv=None) -> int:
                    "beta": args.beta, "lr": args.lr, "workdir": root,
                    "flops": not args.no_flops, "peak_tflops": peak}
             pin = args.optimizer or (lad.official(fam).optimizer if args.find_max_batch else None)
-            is_unet = spec.denoiser_cls.startswith("UNet")
+            # the ladder's channels_last rung applies where the family runs so
+            is_unet = get_family(spec.family).memory_format() == torch.channels_last
             rungs = lad.build_ladder(fam, is_unet=is_unet, lora_rank=spec.lora_rank,
                                      device_type=dev.type, pin_optimizer=pin, only=only,
                                      compile_missing=compile_missing)

@@ -96,8 +96,7 @@ class LadderStep:
         self.frozen_dtype = {"fp16-scaler": torch.float16,
                              "bf16": torch.bfloat16}.get(cfg.precision, torch.float32)
         den = a.denoiser
-        if cfg.channels_last and a.is_unet:
-            den.to(memory_format=torch.channels_last)
+        a.prepare_denoiser(den, channels_last=cfg.channels_last)
         self.switch = None
         if cfg.lora_rank is not None:
             from ..train.lora import POLICY, AdapterSwitch, add_policy_lora
@@ -171,9 +170,8 @@ class LadderStep:
         a, dev, cfg = self.adapter, self.device, self.cfg
         x_w = batch["latent_w"].to(dev).float()
         x_l = batch["latent_l"].to(dev).float()
-        if cfg.channels_last and a.is_unet:
-            x_w = x_w.contiguous(memory_format=torch.channels_last)
-            x_l = x_l.contiguous(memory_format=torch.channels_last)
+        x_w = a.prepare_input(x_w, channels_last=cfg.channels_last)
+        x_l = a.prepare_input(x_l, channels_last=cfg.channels_last)
         c, cn = self._cond(batch["cond"]), self._cond(batch["neg_cond"])
         cat = lambda *ds: {k: torch.cat([d[k] for d in ds]) for k in ds[0]}  # noqa: E731
         n = x_w.shape[0]

@@ -9,7 +9,8 @@ field both spellings: ``--learning_rate`` (the diffusers scripts') and
   ``given_values`` returns only what the command line set; ``--help`` still shows each
   field's default;
 - ``none`` / ``null`` sets an ``Optional`` field to None;
-- ``metadata={"choices": (...)}`` on a field lists its values in ``--help`` and checks them;
+- ``metadata={"choices": (...)}`` on a field lists its values in ``--help`` and checks them
+  (a function returning them is called when the parser is built: the model families);
 - every bool gets ``--no-x`` (HfArgumentParser adds it only when the default is True);
 - the dataclass's own ``Field`` objects are left alone (HfArgumentParser rewrites
   ``field.type`` in place, so it is handed copies).
@@ -110,7 +111,10 @@ def _add_field(hf, group, f: dataclasses.Field, tp) -> None:
     if inner is list:  # HfArgumentParser needs the element type of a list
         tp = Optional[typing.List[str]] if optional else typing.List[str]
     is_bool = inner is bool
-    choices = tuple(c for c in f.metadata.get("choices", ()) if c is not None)
+    choices = f.metadata.get("choices", ())
+    if callable(choices):  # computed now: a registry may have grown since import
+        choices = choices()
+    choices = tuple(c for c in choices if c is not None)
     default = _field_default(f)
 
     field = copy.copy(f)

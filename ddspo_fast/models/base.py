@@ -28,7 +28,6 @@ Conventions shared with the trainer:
 
 from __future__ import annotations
 
-import inspect
 import json
 import warnings
 from pathlib import Path
@@ -37,29 +36,13 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 import torch
 
 from .quiet import cast_module, quiet_loading
+from .schedule import (DDPM_TIMESTEP_SCHEMES, FLOW_TIMESTEP_SCHEMES, DDPMSchedule,
+                       DynamicFlowSchedule, FlowSchedule, NoiseSchedule, from_scheduler_config)
+from .vae_norm import ChannelStats, ScaleShift
 
 Cond = dict  # {key: Tensor (n, ...)}
 
 COMPONENTS = ("denoiser", "text", "vae")
-
-# How training timesteps may be drawn, as the official DDSPO scripts offer it.
-# Flow matching (SD3 / SANA scripts' ``--weighting_scheme``, through diffusers'
-# ``compute_density_for_timestep_sampling``): u in [0, 1) from the scheme, then the
-# FlowMatchEulerDiscrete training table's entry floor(u * T).
-#   uniform       u ~ U[0, 1)                         (the scripts' "none")
-#   logit_normal  u = sigmoid(N(logit_mean, logit_std))
-#   mode          u = 1 - v - mode_scale * (cos(pi v / 2)^2 - 1 + v), v ~ U[0, 1)
-#   cosmap        u ~ U[0, 1): diffusers draws cosmap (and sigma_sqrt) uniformly and
-#                 leaves the cosmap shape to a loss weighting, which the official
-#                 DDSPO code does not apply, so its cosmap runs draw uniform t
-# DDPM (SD1.x / SDXL; the official dataset's ``--timestep_sampling``), t in 0..T-1:
-#   uniform       t ~ U{0..T-1}                       (the scripts' default, None)
-#   linear        P(t) proportional to 1 - t/(T-1)    (torch.linspace(1, 0, T))
-#   sigmoid       P(t) proportional to sigmoid(20 (t/T - 0.7))
-FLOW_TIMESTEP_SCHEMES = ("uniform", "logit_normal", "mode", "cosmap")
-DDPM_TIMESTEP_SCHEMES = ("uniform", "linear", "sigmoid")
-_DIFFUSERS_SCHEME = {"uniform": "none", "logit_normal": "logit_normal", "mode": "mode",
-                     "cosmap": "cosmap"}
 
 
 def read_model_index(model: str) -> dict:
@@ -111,7 +94,16 @@ class FamilyAdapter:
     cond_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
-    is_unet: ClassVar[bool] = True
+    # The denoiser's repeated blocks (class names): the units a sharded run wraps (FSDP).
+    wrap_blocks: ClassVar[tuple[str, ...]] = ()
+    # The memory format the denoiser runs in when the run allows it (``channels_last``:
+    # UNets' convolutions); None = as loaded.
+    denoiser_memory_format: ClassVar[Optional[torch.memory_format]] = None
+    # What each axis of one stored latent is (``latent_shape()``), for messages.
+    latent_axes: ClassVar[tuple[str, ...]] = ("channels", "height", "width")
+    # Scheduler-config keys the family's training script overrides when it builds its
+    # training scheduler (Qwen-Image: shift=3.0).
+    train_scheduler_overrides: ClassVar[dict] = {}
     # The official scripts' timestep sampling for this family (a *_TIMESTEP_SCHEMES name).
     timestep_sampling: ClassVar[str] = "uniform"
     # dtype the family's text encoders always run in when the caller gives no
@@ -134,16 +126,17 @@ class FamilyAdapter:
         # A flow family's regression target depends on what its predict returns
         # (velocity, x0...): no default could be right, so it must say.
         if cls.flow and cls.dpo_target is FamilyAdapter.dpo_target:
-            raise TypeError(f"{cls.__name__}: a flow-matching family must define dpo_target")
+            raise TypeError(f"{cls.__name__} (family {cls.name!r}): a flow-matching family "
+                            "must define dpo_target(x0, noise, timesteps), the target in the "
+                            "space its predict returns (velocity noise - x0, x0, ...)")
 
     def __init__(self, pipe, model: str, *, device: torch.device, dtype: torch.dtype):
         self.pipe = pipe
         self.model = str(model)
         self.device = torch.device(device)
         self.dtype = dtype
-        sched_cfg = dict(pipe.scheduler.config)
-        self.num_train_timesteps = int(sched_cfg.get("num_train_timesteps", 1000))
-        self._init_schedule(sched_cfg)
+        self._init_schedule(dict(pipe.scheduler.config))
+        self.num_train_timesteps = self.schedule.num_train_timesteps
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -174,9 +167,7 @@ class FamilyAdapter:
         if "vae" not in components:
             skip["vae"] = None
         with quiet_loading():  # importing the pipeline modules is what prints the notice
-            from diffusers import DiffusionPipeline
-
-            pipe = DiffusionPipeline.from_pretrained(str(model), **skip)
+            pipe = cls.pipeline_type().from_pretrained(str(model), **skip)
         if pipe.__class__.__name__ not in cls.pipeline_classes:
             raise ValueError(f"model: {model} holds a {pipe.__class__.__name__}, not a "
                              f"{cls.name} pipeline ({', '.join(cls.pipeline_classes)})")
@@ -197,6 +188,27 @@ class FamilyAdapter:
             # Pipelines size latents by this; without a VAE they fall back to 8 (or 32).
             pipe.vae_scale_factor = self.vae_scale_factor
         return self
+
+    @classmethod
+    def pipeline_type(cls):
+        """The class whose ``from_pretrained`` loads this family's pipelines: diffusers'
+        ``DiffusionPipeline`` (which picks the class model_index.json names), or a
+        family's own pipeline class where diffusers has none."""
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline
+
+    @classmethod
+    def lora_pipeline_class(cls):
+        """The pipeline class whose ``save_lora_weights`` / ``load_lora_weights`` know
+        this family's denoiser prefix (diffusers' class of ``pipeline_classes[0]``, or
+        ``pipeline_type()`` where that is the family's own)."""
+        import diffusers
+
+        own = cls.pipeline_type()
+        if own is not diffusers.DiffusionPipeline:
+            return own
+        return getattr(diffusers, cls.pipeline_classes[0])
 
     @classmethod
     def text_dtype_for(cls, run_dtype: torch.dtype, policy: Optional[str] = None) -> torch.dtype:
@@ -256,8 +268,10 @@ class FamilyAdapter:
                           .read_text())
 
     def latent_shape(self) -> tuple[int, ...]:
-        """Shape of one native-resolution latent as datasets store it ((C, H, W) here;
-        a family with another layout overrides this)."""
+        """Shape of one native-resolution latent as datasets store it, axes named by
+        ``latent_axes``: (C, H, W) from the denoiser config's ``in_channels`` and
+        ``sample_size`` here; a family with another layout (FLUX's packed channels and no
+        sample size, Qwen-Image's frames) overrides this."""
         cfg = self.denoiser_config()
         size = cfg.get("sample_size") or 64
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -310,16 +324,36 @@ class FamilyAdapter:
         return self.name if self.variant == self.name else f"{self.name} ({self.variant})"
 
     # ------------------------------------------------------------------ preparing
+    @classmethod
+    def wrap_units(cls, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's modules of a ``wrap_blocks`` class, outermost first: what a
+        sharded run wraps one by one (a unit nested in another is not listed twice)."""
+        units: list[torch.nn.Module] = []
+        inside: set[int] = set()
+        for m in denoiser.modules():
+            if id(m) in inside or type(m).__name__ not in cls.wrap_blocks:
+                continue
+            units.append(m)
+            inside.update(id(sub) for sub in m.modules())
+        return units
+
+    @classmethod
+    def memory_format(cls, channels_last: bool = True) -> Optional[torch.memory_format]:
+        """The memory format the denoiser and its inputs take in a run: the family's
+        ``denoiser_memory_format`` where the run allows it (``channels_last``), else None
+        (as loaded)."""
+        return cls.denoiser_memory_format if channels_last else None
+
     def prepare_denoiser(self, denoiser: torch.nn.Module, *, channels_last: bool = False) -> None:
-        """Set ``denoiser`` up for this family's calls (UNets: channels_last on request)."""
-        if channels_last and self.is_unet:
-            denoiser.to(memory_format=torch.channels_last)
+        """Set ``denoiser`` up for this family's calls (its memory format, when allowed)."""
+        fmt = self.memory_format(channels_last)
+        if fmt is not None:
+            denoiser.to(memory_format=fmt)
 
     def prepare_input(self, x: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
         """Latents in the memory format ``prepare_denoiser`` chose for the denoiser."""
-        if channels_last and self.is_unet:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+        fmt = self.memory_format(channels_last)
+        return x if fmt is None else x.contiguous(memory_format=fmt)
 
     def set_train_guidance(self, value: Optional[float]) -> None:
         """The guidance value a guidance-distilled denoiser is trained with (None: the
@@ -332,23 +366,34 @@ class FamilyAdapter:
         self.train_guidance = float(value)
 
     # ------------------------------------------------------------------ latent scaling
-    def vae_to_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw VAE encoder output -> the denoiser's latent space."""
+    def vae_normalisation(self):
+        """The map between VAE latents and the denoiser's space (``vae_norm.py``): the VAE
+        config's per-channel ``latents_mean`` / ``latents_std`` where it has both (as
+        diffusers' pipelines apply them), else its scaling and shift factors."""
         if self.vae_latents_stats is not None:
-            mean, std = (self._bcast_channels(v, z) for v in self.vae_latents_stats)
-            return (z - mean) * self.vae_scaling_factor / std
-        return (z - self.vae_shift_factor) * self.vae_scaling_factor
+            return ChannelStats(*self.vae_latents_stats, scale=self.vae_scaling_factor)
+        return ScaleShift(self.vae_scaling_factor, self.vae_shift_factor)
+
+    @property
+    def channel_axis(self) -> int:
+        """The channel axis of a batch of stored latents (from ``latent_axes``)."""
+        return 1 + self.latent_axes.index("channels")
+
+    def vae_layout(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE encoder's latents -> the stored layout (FLUX.2: 2x2 patchified)."""
+        return z
+
+    def vae_unlayout(self, x: torch.Tensor) -> torch.Tensor:
+        """The stored layout -> the VAE decoder's latent layout."""
+        return x
+
+    def vae_to_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE encoder output -> the denoiser's latent space (stored layout)."""
+        return self.vae_normalisation().to_latents(self.vae_layout(z), self.channel_axis)
 
     def latents_to_vae(self, x: torch.Tensor) -> torch.Tensor:
         """The denoiser's latent space -> what the VAE decoder takes."""
-        if self.vae_latents_stats is not None:
-            mean, std = (self._bcast_channels(v, x) for v in self.vae_latents_stats)
-            return x * std / self.vae_scaling_factor + mean
-        return x / self.vae_scaling_factor + self.vae_shift_factor
-
-    @staticmethod
-    def _bcast_channels(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return v.to(like.device, like.dtype).reshape(1, -1, *([1] * (like.dim() - 2)))
+        return self.vae_unlayout(self.vae_normalisation().to_vae(x, self.channel_axis))
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -366,77 +411,57 @@ class FamilyAdapter:
 
     # ------------------------------------------------------------------ noise schedule
     def _init_schedule(self, sched_cfg: Mapping) -> None:
-        self._tables: dict = {}
-        if self.flow:
-            from diffusers import FlowMatchEulerDiscreteScheduler
+        self.schedule = from_scheduler_config(sched_cfg, flow=self.flow,
+                                              overrides=self.train_scheduler_overrides)
+        self._shifted: dict = {}
+        if not self.flow:
+            self.prediction_type = self.schedule.prediction_type
 
-            # The training scheduler exactly as the official scripts build it:
-            # FlowMatchEulerDiscreteScheduler from the model's scheduler config. Keys it
-            # does not know are dropped, so SANA's DPM-Solver config (whose only shift
-            # key is `flow_shift`) gives shift 1.0, SD3's `shift: 3.0` gives 3.0.
-            keys = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
-            self._flow_cfg = {k: v for k, v in sched_cfg.items() if k in keys}
-            self.train_shift = float(self._flow_scheduler(None).shift)
-        else:
-            from diffusers import DDPMScheduler
-
-            ddpm = DDPMScheduler.from_config(dict(sched_cfg))
-            self.prediction_type = ddpm.config.prediction_type
-            if self.prediction_type not in ("epsilon", "v_prediction"):
-                raise ValueError(f"model: scheduler prediction_type {self.prediction_type!r} is "
-                                 "not supported (expected 'epsilon' or 'v_prediction')")
-            self._alphas_cumprod = ddpm.alphas_cumprod.to(torch.float32)
-
-    def _flow_scheduler(self, shift: Optional[float]):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        cfg = dict(self._flow_cfg)
-        if shift is not None:
-            cfg.update(shift=float(shift), use_dynamic_shifting=False)
-        return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    def schedule_for(self, shift: Optional[float] = None) -> NoiseSchedule:
+        """The schedule training draws from: the model's own (``schedule``), or for a flow
+        family with ``shift`` given, its table with that static shift."""
+        if shift is None:
+            return self.schedule
+        if not self.flow:
+            raise ValueError(f"shift: {self.name} is not a flow-matching family (a timestep "
+                             "shift applies to flow-matching families only)")
+        s = self._shifted.get(float(shift))
+        if s is None:
+            s = self._shifted[float(shift)] = self.schedule.with_shift(shift)
+        return s
 
     def noise_schedule(self, shift: Optional[float] = None) -> dict:
-        """The noise-schedule strategy training uses, described.
+        """The noise-schedule strategy training uses, described (``schedule.py``).
 
         ``{"kind": "ddpm"}``; ``{"kind": "flow_static", "shift": s}`` (the training table
         shifted by s: SD3 3.0, SANA 1.0, or ``shift``); ``{"kind": "flow_dynamic", ...}``
         for schedulers with ``use_dynamic_shifting`` (FLUX): the sampler shifts sigmas by
-        mu = the line through (base_image_seq_len, base_shift) and (max_image_seq_len,
-        max_shift) at the image's token count (``dynamic_shift_mu``), while training draws
-        from the unshifted table, as diffusers' DreamBooth scripts do. A ``shift`` given
-        for a dynamic-shift model trains on the static shift instead."""
-        if not self.flow:
-            return {"kind": "ddpm"}
-        cfg = self._flow_cfg
-        if cfg.get("use_dynamic_shifting") and shift is None:
-            return {"kind": "flow_dynamic",
-                    **{k: cfg.get(k) for k in ("base_image_seq_len", "max_image_seq_len",
-                                               "base_shift", "max_shift")}}
-        return {"kind": "flow_static", "shift": float(self._flow_scheduler(shift).shift)}
+        the image's token count (``dynamic_shift_mu``), while training draws from the
+        unshifted table, as diffusers' DreamBooth scripts do. A ``shift`` given for a
+        dynamic-shift model trains on the static shift instead."""
+        return self.schedule_for(shift).describe()
 
     def dynamic_shift_mu(self, image_seq_len: int) -> float:
         """The sampler's shift mu for ``image_seq_len`` image tokens (dynamic-shift
         schedulers), from the scheduler config with diffusers' defaults."""
-        cfg = self._flow_cfg
-        x0, x1 = cfg.get("base_image_seq_len") or 256, cfg.get("max_image_seq_len") or 4096
-        y0, y1 = cfg.get("base_shift") or 0.5, cfg.get("max_shift") or 1.15
-        return float(y0 + (y1 - y0) * (image_seq_len - x0) / (x1 - x0))
-
-    def _cached(self, key, device, build) -> torch.Tensor:
-        """A table built once per (key, device): no host-to-device copy per step."""
-        k = (key, str(torch.device(device)))
-        t = self._tables.get(k)
-        if t is None:
-            t = self._tables[k] = build().to(device)
-        return t
+        if not isinstance(self.schedule, DynamicFlowSchedule):
+            raise ValueError(f"{self.name}: the scheduler does not shift by sequence length")
+        return self.schedule.mu(image_seq_len)
 
     def _table(self, device) -> torch.Tensor:
-        return self._cached("alphas_cumprod", device, lambda: self._alphas_cumprod)
+        """alphas_cumprod of a DDPM family on ``device``."""
+        return self.schedule.alphas_cumprod(device)
 
     @classmethod
     def timestep_schemes(cls) -> tuple[str, ...]:
         """The values ``sample_timesteps(scheme=...)`` accepts for this family."""
         return FLOW_TIMESTEP_SCHEMES if cls.flow else DDPM_TIMESTEP_SCHEMES
+
+    @classmethod
+    def timestep_dtype(cls) -> torch.dtype:
+        """The dtype of the timesteps the denoiser takes: int64 for DDPM, float32 (sigma
+        * T) for flow matching, as the schedule strategy of the family draws them."""
+        return (FlowSchedule if cls.flow else DDPMSchedule).timestep_dtype
 
     def sample_timesteps(self, n: int, *, device, generator: torch.Generator | None = None,
                          scheme: Optional[str] = None, logit_mean: float = 0.0,
@@ -448,58 +473,31 @@ class FamilyAdapter:
         (``timestep_sampling``: uniform for SD1.x, SDXL and SANA, logit_normal for SD3).
         ``logit_mean`` / ``logit_std`` (logit_normal) and ``mode_scale`` (mode) are the
         official scripts' defaults. Flow families only: ``shift`` replaces the training
-        scheduler's shift (None = the scheduler's own, ``train_shift``).
+        scheduler's shift (None = the model's own schedule).
         DDPM families return int64 in 0..T-1; flow families ``sigma * T`` floats.
         """
         scheme = self.timestep_sampling if scheme is None else scheme
         if scheme not in self.timestep_schemes():
             raise ValueError(f"timestep_sampling: expected one of {self.timestep_schemes()} "
                              f"for {self.name}, got {scheme!r}")
-        T = self.num_train_timesteps
-        if not self.flow:
-            if shift is not None:
-                raise ValueError(f"shift: {self.name} is not a flow-matching family "
-                                 "(a timestep shift applies to SD3 and SANA only)")
-            if scheme == "uniform":
-                return torch.randint(0, T, (n,), device=device, generator=generator)
-            probs = self._cached(("ddpm", scheme), device, lambda: _ddpm_density(scheme, T))
-            return torch.multinomial(probs, n, replacement=True, generator=generator)
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        u = compute_density_for_timestep_sampling(
-            weighting_scheme=_DIFFUSERS_SCHEME[scheme], batch_size=n, logit_mean=logit_mean,
-            logit_std=logit_std, mode_scale=mode_scale, device=device, generator=generator)
-        # floor(u * T) as the scripts index; u can round to exactly 1 (sigmoid) or be 1
-        # (mode at v = 0), where their index would be T, one past the table.
-        idx = (u * T).long().clamp_(0, T - 1)
-        table = self._cached(("flow", shift), device,
-                             lambda: self._flow_scheduler(shift).timesteps.float())
-        return table[idx]
+        return self.schedule_for(shift).sample(n, device=device, generator=generator,
+                                               scheme=scheme, logit_mean=logit_mean,
+                                               logit_std=logit_std, mode_scale=mode_scale)
 
     def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Timesteps -> [0, 1], 1 = pure noise (sigma for flow, t/(T-1) for DDPM)."""
-        if self.flow:
-            return timesteps.float() / self.num_train_timesteps
-        return timesteps.float() / (self.num_train_timesteps - 1)
+        return self.schedule.noise_level(timesteps)
 
     def _bcast(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return v.reshape(v.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-        if self.flow:
-            s = self._bcast(self.noise_level(timesteps), x0)
-            return (1 - s) * x0 + s * noise
-        ac = self._table(x0.device)[timesteps.long()]
-        a, b = self._bcast(ac.sqrt(), x0), self._bcast((1 - ac).sqrt(), x0)
-        return a * x0 + b * noise
+        return self.schedule.add_noise(x0, noise, timesteps)
 
     def dpo_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """Diffusion-DPO regression target in ``predict``'s output space (DDPM families:
         epsilon or v from the scheduler's prediction_type; flow families define theirs)."""
-        if self.prediction_type == "v_prediction":
-            ac = self._table(x0.device)[timesteps.long()]
-            return self._bcast(ac.sqrt(), x0) * noise - self._bcast((1 - ac).sqrt(), x0) * x0
-        return noise
+        return self.schedule.target(x0, noise, timesteps)
 
     # ------------------------------------------------------------------ denoiser
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor,
@@ -537,12 +535,15 @@ class FamilyAdapter:
         return out.images
 
     # ------------------------------------------------------------------ saving
+    def describe_latents(self, shape: Sequence[int]) -> str:
+        """``shape`` with the family's axis names: "[4, 64, 64] (channels, height, width)"."""
+        return f"{list(shape)} ({', '.join(self.latent_axes)})"
+
     def save_pipeline(self, denoiser: torch.nn.Module, out_dir: str) -> None:
         """Save a complete pipeline with ``denoiser`` swapped in (other parts from disk)."""
         with quiet_loading():
-            from diffusers import DiffusionPipeline
-
-            pipe = DiffusionPipeline.from_pretrained(self.model, **{self.denoiser_name: denoiser})
+            pipe = self.pipeline_type().from_pretrained(self.model,
+                                                        **{self.denoiser_name: denoiser})
             pipe.save_pretrained(out_dir, safe_serialization=True)
 
     def save_lora(self, lora_state: Mapping[str, torch.Tensor], out_dir: str) -> None:
@@ -553,13 +554,3 @@ class FamilyAdapter:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} model={self.model!r}>"
-
-
-
-def _ddpm_density(scheme: str, T: int) -> torch.Tensor:
-    """P(t), t = 0..T-1, of the official dataset's ``--timestep_sampling`` options."""
-    if scheme == "linear":
-        p = torch.linspace(1.0, 0.0, T)
-    else:  # sigmoid
-        p = 1.0 / (1.0 + torch.exp(-20 * (torch.arange(0, T) / T - 0.7)))
-    return p / p.sum()

@@ -46,7 +46,7 @@ class FluxAdapter(FamilyAdapter):
     lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-    is_unet = False
+    wrap_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     timestep_sampling = "uniform"  # the script's --weighting_scheme none
     max_sequence_length = VARIANT_DEFAULTS[DEV]["max_sequence_length"]
 

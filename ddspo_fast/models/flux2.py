@@ -27,6 +27,7 @@ from typing import Mapping
 import torch
 
 from .base import Cond, FamilyAdapter
+from .vae_norm import ChannelStats
 
 DEV, KLEIN = "flux2-dev", "flux2-klein"
 DEFAULT_TRAIN_GUIDANCE = 3.5  # the FLUX.2 scripts' --guidance_scale
@@ -45,7 +46,7 @@ class Flux2Adapter(FamilyAdapter):
     cond_keys = ("prompt_embeds",)
     text_components = ("text_encoder", "tokenizer")
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj")
-    is_unet = False
+    wrap_blocks = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
     timestep_sampling = "uniform"
     max_sequence_length = MAX_SEQUENCE_LENGTH
     vae_latent_mode = "mean"  # the scripts encode with latent_dist.mode()
@@ -100,24 +101,20 @@ class Flux2Adapter(FamilyAdapter):
         b, c, h, w = like_shape
         return x.permute(0, 2, 1).reshape(b, c, h, w)
 
-    def _bn_stats(self, like: torch.Tensor):
+    def vae_normalisation(self) -> ChannelStats:
+        """The VAE's batch-norm running statistics, per patchified channel."""
         vae = getattr(self.pipe, "vae", None)
         if vae is None:
             raise ValueError(f"this {self.name} adapter was loaded without its VAE")
-        mean = vae.bn.running_mean.reshape(1, -1, 1, 1)
-        std = torch.sqrt(vae.bn.running_var.reshape(1, -1, 1, 1) + vae.config.batch_norm_eps)
-        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+        std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+        return ChannelStats(vae.bn.running_mean, std)
 
-    def vae_to_latents(self, z: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = z.shape
+    def vae_layout(self, z: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = z.shape  # 2x2 patchify: (C, H, W) -> (4C, H/2, W/2)
         z = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
-        z = z.reshape(b, c * 4, h // 2, w // 2)
-        mean, std = self._bn_stats(z)
-        return (z - mean) / std
+        return z.reshape(b, c * 4, h // 2, w // 2)
 
-    def latents_to_vae(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._bn_stats(x)
-        x = x * std + mean
+    def vae_unlayout(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         x = x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(b, c // 4, h * 2, w * 2)

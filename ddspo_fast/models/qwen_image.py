@@ -42,14 +42,11 @@ class QwenImageAdapter(FamilyAdapter):
     cond_keys = ("prompt_embeds", "prompt_embeds_mask")
     text_components = ("text_encoder", "tokenizer")
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
-    is_unet = False
+    wrap_blocks = ("QwenImageTransformerBlock",)
     timestep_sampling = "uniform"
     max_sequence_length = 512
-
-    def _init_schedule(self, sched_cfg) -> None:
-        super()._init_schedule(sched_cfg)
-        self._flow_cfg["shift"] = SCRIPT_TRAIN_SHIFT
-        self.train_shift = float(self._flow_scheduler(None).shift)
+    train_scheduler_overrides = {"shift": SCRIPT_TRAIN_SHIFT}
+    latent_axes = ("channels", "frames", "height", "width")
 
     def _read_vae_scale(self, model: str) -> None:
         super()._read_vae_scale(model)
@@ -126,7 +123,7 @@ class QwenImageAdapter(FamilyAdapter):
         if len(prompts) != len(seeds):
             raise ValueError("seeds: expected one seed per prompt")
         steps = int(steps or self.default_steps)
-        if steps < 2 and self._flow_cfg.get("shift_terminal"):
+        if steps < 2 and self.schedule.config.get("shift_terminal"):
             # Stretching one sigma to the terminal value divides by zero: NaN latents.
             raise ValueError(f"steps: Qwen-Image's scheduler (shift_terminal) needs at least 2 "
                              f"sampling steps, got {steps}")

@@ -74,8 +74,8 @@ class SanaAdapter(FamilyAdapter):
     cond_keys = ("prompt_embeds", "prompt_attention_mask")
     text_components = ("text_encoder", "tokenizer")
     lora_targets = ("to_q", "to_k", "to_v")  # the official adapter's default
-    is_unet = False
     timestep_sampling = "uniform"  # the official SANA script's --weighting_scheme none
+    wrap_blocks = ("SanaTransformerBlock",)
     text_encoder_dtype = torch.bfloat16  # the official code always runs Gemma-2 in bf16
     options = {"instruction": "official | pipeline | none | a list of lines"}
     max_sequence_length = 300

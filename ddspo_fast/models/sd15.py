@@ -16,6 +16,10 @@ class SD15Adapter(FamilyAdapter):
     default_cfg = 7.5
     cond_keys = ("prompt_embeds",)
     text_components = ("text_encoder", "tokenizer")
+    # FSDP units: the UNet's down, mid and up blocks.
+    wrap_blocks = ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
+                   "CrossAttnUpBlock2D", "UpBlock2D")
+    denoiser_memory_format = torch.channels_last  # convolutions run faster so (on GPUs)
 
     def _encode(self, prompts: list[str]) -> Cond:
         embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)

@@ -29,12 +29,12 @@ class SD3Adapter(FamilyAdapter):
                        "tokenizer", "tokenizer_2", "tokenizer_3")
     lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-    is_unet = False
     timestep_sampling = "logit_normal"  # the official SD3 script's --weighting_scheme
     # T5 tokens kept per prompt, as in the DDSPO SD3 training code (the pipeline's own
     # default is 256); data preparation and training use the same value.
     max_sequence_length = 77
     # SD3.5-medium's second attention in its dual-attention blocks (image tokens only).
+    wrap_blocks = ("JointTransformerBlock",)
     dual_attention_targets = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 
     def __init__(self, pipe, model, *, device, dtype):

@@ -16,6 +16,10 @@ class SDXLAdapter(FamilyAdapter):
     default_cfg = 5.0
     cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    # FSDP units: the UNet's down, mid and up blocks.
+    wrap_blocks = ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
+                   "CrossAttnUpBlock2D", "UpBlock2D")
+    denoiser_memory_format = torch.channels_last  # convolutions run faster so (on GPUs)
 
     def _encode(self, prompts: list[str]) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(

@@ -87,7 +87,7 @@ def step_setup(arch: Arch, opts: PlanOptions, *, granule: int = 512, gpu_rules: 
         reference=opts.reference, lora_rank=opts.lora_rank, lora_targets=list(a.lora_targets()),
         precision=opts.precision, frozen_dtype=frozen, checkpointing=opts.checkpointing,
         attention=opts.kernel(), reference_first=opts.ref_first(), granule=granule,
-        gpu_rules=gpu_rules)
+        gpu_rules=gpu_rules, family=a.family)
 
 
 def run_worker(setup, timeout: float = 600):

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .step import DTYPES, StepSetup, call, new_denoiser
+from .step import DTYPES, StepSetup, call, new_denoiser, timestep_dtype
 from .tracker import MemoryTracker
 
 
@@ -85,13 +85,13 @@ def measure(s: dict) -> dict:
     use_attention(den, s["attention"])
     weights["denoiser"] = _weights(den, g)
     rows = b * s["cfg_rows"]
+    ts_dtype = timestep_dtype(s.get("family"))
     c, h, w = s["latent_shape"]
 
     def run_den():
         with fm:
             x = torch.zeros((rows, c, h, w), dtype=dtype)
-            t = torch.zeros((rows,), dtype=torch.int64 if s["denoiser_cls"].startswith("UNet")
-                            else dtype)
+            t = torch.zeros((rows,), dtype=torch.int64 if ts_dtype == torch.int64 else dtype)
             cond = {k: torch.zeros((rows, *shape), dtype=dtype if DTYPES[dt].is_floating_point
                                    else DTYPES[dt]) for k, (shape, dt) in s["cond"].items()}
         return call(den, setup, x, t, cond)

@@ -32,6 +32,7 @@ class InferSetup:
     text_tokens: dict = field(default_factory=dict)   # component -> tokens
     attention: str = "flash"
     granule: int = 512
+    family: Optional[str] = None     # the registered family (its timestep dtype)
 
 
 def _worker(setup: InferSetup) -> dict:
@@ -100,7 +101,8 @@ def estimate_inference(arch: Arch, *, task: str = "evaluate", batch: int = 1,
                        {k: [list(s), d] for k, (s, d) in a.cond.items()},
                        {k: [c, cfg] for k, (c, cfg) in a.components.items()}, list(a.vae),
                        batch=batch, cfg_rows=1 if a.family == "flux" else 2,
-                       dtype=text_encoders or dtype, text_tokens=tokens, attention=kernel)
+                       dtype=text_encoders or dtype, text_tokens=tokens, attention=kernel,
+                       family=a.family)
     setup_den_dtype = dtype
     traced = _worker(setup) if (text_encoders or dtype) == dtype else None
     if traced is None:  # text encoders in another dtype: two traces, one per dtype

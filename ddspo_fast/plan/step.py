@@ -35,7 +35,7 @@ class StepSetup:
     """What one step's memory depends on (all JSON-serialisable)."""
     denoiser_cls: str
     config: dict
-    latent_shape: list          # (C, h, w) of one row
+    latent_shape: list          # one row's latent, as the family stores it
     cond: dict                  # key -> [shape per row, dtype name]
     pairs: int = 1              # pairs per micro-batch (rows, for sft)
     mode: str = "ddspo"
@@ -49,6 +49,7 @@ class StepSetup:
     reference_first: bool = False
     granule: int = 512
     gpu_rules: bool = True
+    family: Optional[str] = None  # the registered family (its timestep dtype)
 
     def autocast_dtype(self) -> Optional[torch.dtype]:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
@@ -143,9 +144,8 @@ def build(setup: StepSetup, make, weights_dir: Optional[str] = None):
 
 # ------------------------------------------------------------------ inputs
 def inputs(setup: StepSetup, rows: int, make_input) -> tuple:
-    c, h, w = setup.latent_shape
-    x = make_input((rows, c, h, w), torch.float32)
-    t = make_input((rows,), torch.int64 if _is_unet(setup) else torch.float32)
+    x = make_input((rows, *setup.latent_shape), torch.float32)
+    t = make_input((rows,), timestep_dtype(setup.family))
     # Stored embeddings are fp16; CPU autocast refuses to mix fp16 into bf16 promotion
     # (CUDA does not), so they come in the compute dtype: the same bytes, tiny anyway.
     fdt = setup.autocast_dtype() or setup.trained_dtype()
@@ -154,8 +154,13 @@ def inputs(setup: StepSetup, rows: int, make_input) -> tuple:
     return x, t, cond
 
 
-def _is_unet(setup: StepSetup) -> bool:
-    return setup.denoiser_cls.startswith("UNet")
+def timestep_dtype(family: Optional[str]) -> torch.dtype:
+    """The dtype of the timesteps ``family``'s denoiser takes (its adapter says)."""
+    from ..models import get_family
+
+    if family is None:
+        raise ValueError("family: a traced step needs its model family (StepSetup.family)")
+    return get_family(family).timestep_dtype()
 
 
 def call(den, setup: StepSetup, x, t, cond):

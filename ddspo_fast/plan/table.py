@@ -32,7 +32,7 @@ OFFICIAL = {
     "sd3": dict(mode="ddspo-official", precision="fp16", optimizer="adamw-foreach", lora_rank=128),
     "sana": dict(mode="ddspo-official", precision="fp32", optimizer="adamw-foreach", lora_rank=128),
 }
-FAMILIES = ("sd15", "sdxl", "sd3", "sana")
+FAMILIES = tuple(OFFICIAL)  # the families the official DDSPO code trains
 
 # ddspo_fast configurations: traced ones, and the ones derived from a trace.
 TRACED = {

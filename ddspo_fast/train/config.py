@@ -28,7 +28,6 @@ LOSS_WEIGHTING = (None, "linear")
 RAND_COND_SCHEDULES = ("sigmoid", "exponential", "constant")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
-FAMILIES = family_names()  # the registry's families when this module loaded (CLI choices)
 ON_NONFINITE = ("stop", "skip")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # = ddspo_fast.loss.LOSS_TYPES (checked by a test)
 # every family's schemes; each family accepts its own subset (models/base.py)
@@ -113,6 +112,13 @@ def config_field(default, help: str, **kw):
 _f = config_field
 
 
+def field_choices(f: dataclasses.Field):
+    """A config field's allowed values (None: no fixed set); a function in its metadata
+    (the model families) is asked now, so what was registered since import counts."""
+    c = f.metadata.get("choices")
+    return tuple(c()) if callable(c) else c
+
+
 def weight_dtype(mixed_precision: str):
     """The dtype of frozen weights and of autocast for a resolved ``mixed_precision``
     ('bf16' | 'fp16' | 'no'); torch is imported here, not with the config."""
@@ -130,9 +136,9 @@ class TrainConfig:
                                    "(metadata.jsonl + latents/) (required).")
     output_dir: str = _f("ddspo-output", "Where checkpoints, metrics.jsonl, logs and the "
                                          "final pipeline / LoRA weights go.")
-    family: Optional[str] = _f(None, f"Model family ({' | '.join(FAMILIES)}); detected from "
-                                     "the model's model_index.json when unset.",
-                               choices=FAMILIES)
+    family: Optional[str] = _f(None, "Model family (a registered one: models.family_names()); "
+                                     "detected from the model's model_index.json when unset.",
+                               choices=family_names)
     # ---------------------------------------------------------------- objective
     objective: str = _f("ddspo", "ddspo: targets from a contrastive policy pair; dpo: plain "
                                  "Diffusion-DPO with the forward-process (noise/flow) target.",
@@ -461,7 +467,7 @@ class TrainConfig:
             if name in values:
                 raise ValueError(f"{name}: given twice (as {name!r} and {name.replace('_', '-')!r})")
             values[name] = as_field_type(name, value, hints[name],
-                                         fields[name].metadata.get("choices", ()))
+                                         field_choices(fields[name]) or ())
         return cls(**values)
 
     @classmethod
@@ -518,7 +524,7 @@ class TrainConfig:
         out = {}
         for f in dataclasses.fields(cls):
             out[f.name] = {"default": f.default, "help": f.metadata.get("help", ""),
-                           "type": f.type, "choices": f.metadata.get("choices")}
+                           "type": f.type, "choices": field_choices(f)}
         return out
 
 

@@ -37,13 +37,11 @@ def lora_metadata(peft_config) -> dict:
 
 
 def pipeline_class(family: str):
-    """The diffusers pipeline class of ``family`` (its ``save_lora_weights`` /
-    ``load_lora_weights`` know the denoiser's key prefix)."""
-    import diffusers
-
+    """The pipeline class of ``family`` whose ``save_lora_weights`` / ``load_lora_weights``
+    know the denoiser's key prefix (the adapter's ``lora_pipeline_class``)."""
     from ..models import get_family
 
-    return getattr(diffusers, get_family(family).pipeline_classes[0])
+    return get_family(family).lora_pipeline_class()
 
 
 def write_lora(out_dir, pipeline_cls, denoiser_name: str, state: Mapping[str, torch.Tensor],

@@ -41,10 +41,12 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from ..models import family_names
 from . import checkpoint as ckpt
-from .config import (FAMILIES, LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS,
+from .config import (LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS,
                      TRUST_CHECKPOINT_HELP, TrainConfig, as_config, weight_dtype)
 from .config import config_field as _f
+from .config import field_choices
 from .lora import LOSE, WIN, add_adapter_named
 
 WIN_DIR, LOSE_DIR = "pos_lora_unet", "neg_lora_unet"  # the official script's names
@@ -73,9 +75,9 @@ class PairTrainConfig:
     output_dir: str = _f("ddspo-pair", "Where pos_lora_unet/ and neg_lora_unet/ (pass this "
                                        "directory as train's pair_lora), checkpoints and "
                                        "metrics go.")
-    family: Optional[str] = _f(None, f"Model family ({' | '.join(FAMILIES)}); detected from "
-                                     "the model when unset.",
-                               choices=FAMILIES)
+    family: Optional[str] = _f(None, "Model family (a registered one: models.family_names()); "
+                                     "detected from the model when unset.",
+                               choices=family_names)
     # ---------------------------------------------------------------- the adapters
     lora_rank: int = _f(4, "LoRA rank of both adapters (official: 4).")
     lora_alpha: float = _f(4.0, "LoRA alpha of both adapters (official: 4).")
@@ -159,7 +161,7 @@ class PairTrainConfig:
                 raise bad(name, "a path")
             setattr(self, name, str(v))
         for f in dataclasses.fields(self):
-            allowed = f.metadata.get("choices")
+            allowed = field_choices(f)
             v = getattr(self, f.name)
             if allowed and v not in allowed and not (v is None and f.default is None):
                 raise bad(f.name, "one of " + ", ".join(repr(a) for a in allowed))

@@ -188,7 +188,7 @@ class Trainer:
                                             policy_only=self.ref_cache is not None)
 
     def _setup_models(self) -> None:
-        from ..models import get_family, load_adapter
+        from ..models import family_names, get_family, load_adapter
 
         cfg = self.config
         lora = cfg.lora_rank is not None
@@ -204,8 +204,9 @@ class Trainer:
             raise ValueError(f"timestep_sampling: expected one of {a.timestep_schemes()} for "
                              f"{self.family}, got {cfg.timestep_sampling!r}")
         if cfg.flow_shift is not None and not a.flow:
+            flows = ", ".join(f for f in family_names() if get_family(f).flow)
             raise ValueError(f"flow_shift: {self.family} is not a flow-matching family (a shift "
-                             "applies to SD3, SANA and FLUX only)")
+                             f"applies to the flow-matching families only: {flows})")
         a.set_train_guidance(cfg.guidance_scale)
         self.pair_loss = PairLoss(a, cfg.objective, cfg.pair, cfg.beta, cfg.backend,
                                   loss_type=cfg.loss_type)
@@ -268,9 +269,9 @@ class Trainer:
             have = tuple(self.dataset[0]["latent_w"].shape)
         if tuple(have) != want:
             raise ValueError(f"data: {self.config.data} holds latents of shape {list(have)} "
-                             f"but the model {self.config.model} takes {list(want)} "
-                             "(channels, height, width); prepare the pairs with this model "
-                             "(ddspo-fast prepare --model ...)")
+                             f"but the model {self.config.model} takes "
+                             f"{self.adapter.describe_latents(want)}; prepare the pairs with "
+                             "this model (ddspo-fast prepare --model ...)")
 
     def _load_pair_adapters(self, module) -> None:
         win, lose = find_pair_dirs(self.config.pair_lora)
