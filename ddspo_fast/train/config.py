@@ -138,6 +138,13 @@ class RunConfig:
     RUN_DEFINING: tuple = ()   # resuming with another value is refused, naming the field
     RESUME_IGNORED: tuple = RESUME_IGNORED  # where and how this invocation runs
 
+    def resolved_mixed_precision(self, device_type: str) -> str:
+        """The autocast setting a run on ``device_type`` uses (``precision.py`` resolves
+        ``auto``: bf16 on a GPU, ``no`` elsewhere)."""
+        from .precision import resolve_mixed_precision
+
+        return resolve_mixed_precision(self.mixed_precision, device_type)
+
     def _bad(self, name: str, expected: str) -> ValueError:
         return ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
@@ -529,13 +536,6 @@ class TrainConfig(RunConfig):
                      "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
-
-    def resolved_mixed_precision(self, device_type: str) -> str:
-        """The autocast setting a run on ``device_type`` uses (``precision.py`` resolves
-        ``auto``: bf16 on a GPU, ``no`` elsewhere)."""
-        from .precision import resolve_mixed_precision
-
-        return resolve_mixed_precision(self.mixed_precision, device_type)
 
     def check_ready(self) -> None:
         """Checks that only matter when training starts (required paths present)."""

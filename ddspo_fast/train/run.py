@@ -39,7 +39,7 @@ from .config import as_config, resume_differences
 from .errors import ResumeMismatchError, UnsupportedDistributedError
 from .metrics import json_safe, peak_memory
 from .nonfinite import NonFiniteGuard, all_finite, grad_norm
-from .precision import Precision, nbytes
+from .precision import Precision, nbytes, store_trainable
 from .runtime import check_device_available, default_device_type, training_threads
 
 log = logging.getLogger("ddspo_fast.train")
@@ -502,11 +502,10 @@ class TrainingRun:
                 raise ValueError(f"resume: {path} does not match this model/config (no {n} "
                                  f"of shape {tuple(named[n].shape)}; lora_rank or "
                                  "lora_targets changed?)")
+        store_trainable(self.policy, self.precision.trainable)
         with torch.no_grad():
             for n in self.trainable_names:
                 p = named[n]
-                if p.dtype != self.precision.trainable:
-                    p.data = p.data.to(self.precision.trainable)
                 p.copy_(got.trainable[n].to(p.device, p.dtype))
         self.optimizer.load_state_dict(got.optimizer)
         self.scheduler.load_state_dict(got.scheduler)

@@ -20,10 +20,10 @@ banner and its export.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 
+from ..fsio import require_free_space
 from . import outdir
 from .config import TrainConfig
 from .errors import NonFiniteError
@@ -34,11 +34,8 @@ from .pairs import PairInputs, make_inputs, needs_text_encoder, pair_mode
 from .precision import nbytes
 from .randcond import PromptSampler
 from .run import TrainingRun
-from .step import build_step
-from ..fsio import require_free_space
 from .runtime import human_count
-
-log = logging.getLogger("ddspo_fast.train")
+from .step import build_step
 
 
 class Trainer(TrainingRun):
