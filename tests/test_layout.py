@@ -85,12 +85,6 @@ def test_every_subpackage_has_a_layer():
 # package may import it, nothing outside may. Tests are exempt: they may reach a module's
 # privates for white-box checks of that module.
 
-# (module, imported name): imports being rewritten on other branches; remove each entry
-# once its module no longer imports the private name (the pair trainer is being moved onto
-# the shared training-run base, which owns the accelerate reset).
-PRIVATE_IMPORTS_PENDING = {
-    ("train/pair_policies.py", "_reset_accelerate_singletons"),
-}
 
 
 def _is_private(name: str) -> bool:
@@ -154,8 +148,7 @@ def private_imports(path: Path) -> list[tuple[int, str, str]]:
 def test_no_module_imports_another_modules_private_names(path):
     rel = path.relative_to(PKG).as_posix()
     bad = [f"line {ln}: from {mod} import {name}" if name else f"line {ln}: imports {mod}"
-           for ln, mod, name in private_imports(path)
-           if (rel, name) not in PRIVATE_IMPORTS_PENDING]
+           for ln, mod, name in private_imports(path)]
     assert not bad, (f"{rel} imports private names of other modules (make the helper public "
                      f"or move it): {bad}")
 
