@@ -44,6 +44,7 @@ from .metrics import MetricsAccumulator, MetricsWriter, json_safe, peak_memory
 from .nonfinite import NonFiniteGuard, all_finite, grad_norm
 from .optim import build_optimizer, build_scheduler
 from .pairs import PairInputs, PairLoss, make_inputs, needs_text_encoder, pair_mode
+from .quantize import apply_to_denoiser
 from .randcond import PromptSampler
 from .runtime import (check_device_available, default_device_type, human_count,
                       training_threads)
@@ -218,6 +219,9 @@ class Trainer:
                                   "(or use attention='sdpa')") from e
             den.enable_xformers_memory_efficient_attention()
         a.prepare_denoiser(den, channels_last=cfg.channels_last)
+        # base_quantization / fp8_compute: quantized frozen layers or fp8 matmuls, after
+        # loading and before any adapter (quantize.py; the only call into it)
+        apply_to_denoiser(den, cfg, compute_dtype=self.weight_dtype, device=self.device)
         dd_cpp = self.mode == "dd_cpp"
         cached = self.ref_cache is not None  # no reference, no pair adapters
         self.ref_switch = None
