@@ -21,9 +21,16 @@ def _bytes(module, pred, granule) -> int:
 
 
 def _frozen_linears(den) -> list:
-    """numel of each frozen nn.Linear weight (what a quantized base stores in 4/8 bit)."""
-    return [m.weight.numel() for m in den.modules()
+    """(out, in) of each frozen nn.Linear weight (what a quantized base stores in 4/8 bit)."""
+    return [list(m.weight.shape) for m in den.modules()
             if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+
+
+def _largest_unit(den, granule) -> int:
+    """Bytes of the largest element of any ModuleList of the denoiser (its blocks): what
+    a sharded run gathers whole, one unit at a time."""
+    units = [u for ml in den.modules() if isinstance(ml, torch.nn.ModuleList) for u in ml]
+    return max((_bytes(u, lambda p: True, granule) for u in units), default=0)
 
 
 def summary(den, ref, tracker: MemoryTracker) -> dict:
@@ -39,7 +46,8 @@ def summary(den, ref, tracker: MemoryTracker) -> dict:
         "policy_frozen_bytes": _bytes(den, lambda p: not p.requires_grad, g),
         "reference_bytes": (_bytes(ref, lambda p: True, g)
                             if ref is not None and ref is not den else 0),
-        "frozen_linear_numels": _frozen_linears(den),
+        "frozen_linear_shapes": _frozen_linears(den),
+        "largest_unit_bytes": _largest_unit(den, g),
         "params": sum(p.numel() for p in den.parameters()),
     }
 

@@ -265,16 +265,21 @@ def dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
     return w.detach().float()
 
 
-def stored_bytes(kind: str, shape) -> int:
-    """Bytes a linear weight of ``shape`` (out, in) takes stored as ``kind`` (the layer's
-    bias is not counted: it stays in the compute dtype)."""
+def stored_tensors(kind: str, shape) -> list[int]:
+    """Bytes of each tensor a linear weight of ``shape`` (out, in) is stored as under
+    ``kind`` (the layer's bias is not counted: it stays in the compute dtype)."""
     out_f = int(shape[0])
     n = math.prod(int(s) for s in shape)
-    if kind == "nf4":
-        return (n + 1) // 2 + 4 * math.ceil(n / NF4_BLOCK) + 4 * 16
-    if kind in ("int8", "fp8"):
-        return n + 4 * out_f
+    if kind == "nf4":  # packed codes, fp32 absmax per block, the 16-level code book
+        return [(n + 1) // 2, 4 * math.ceil(n / NF4_BLOCK), 4 * 16]
+    if kind in ("int8", "fp8"):  # one byte per value, an fp32 scale per output row
+        return [n, 4 * out_f]
     raise ValueError(f"base_quantization: no stored size for {kind!r}")
+
+
+def stored_bytes(kind: str, shape) -> int:
+    """Bytes a linear weight of ``shape`` takes stored as ``kind`` (``stored_tensors``)."""
+    return sum(stored_tensors(kind, shape))
 
 
 def enable_fp8_compute(module: torch.nn.Module, device) -> int:
