@@ -119,6 +119,8 @@ def fp8_compute_problem(device: torch.device) -> str | None:
         return (f"fp8_compute: fp8 matmuls need a CUDA GPU of compute capability "
                 f"{'.'.join(map(str, FP8_COMPUTE_CAPABILITY))} or newer (Ada, Hopper, "
                 f"Blackwell); this run is on {device.type}")
+    if not torch.cuda.is_available():
+        return "fp8_compute: no CUDA device is available here"
     cap = torch.cuda.get_device_capability(device)
     if tuple(cap) < FP8_COMPUTE_CAPABILITY:
         return (f"fp8_compute: fp8 matmuls need compute capability "
