@@ -27,10 +27,23 @@ def _frozen_linears(den) -> list:
 
 
 def _largest_unit(den, granule) -> int:
-    """Bytes of the largest element of any ModuleList of the denoiser (its blocks): what
-    a sharded run gathers whole, one unit at a time."""
-    units = [u for ml in den.modules() if isinstance(ml, torch.nn.ModuleList) for u in ml]
-    return max((_bytes(u, lambda p: True, granule) for u in units), default=0)
+    """Bytes of the largest unit a sharded run gathers whole at a time: the model's own
+    ``_no_split_modules`` classes (what accelerate's FSDP wraps as units), each less
+    the units nested in it (wrapped apart); blocks of its ModuleLists where it names
+    none."""
+    names = set(getattr(den, "_no_split_modules", None) or ())
+    units = [m for m in den.modules() if type(m).__name__ in names]
+    if not units:
+        units = [u for ml in den.modules() if isinstance(ml, torch.nn.ModuleList) for u in ml]
+    unit_ids = {id(u) for u in units}
+    best = 0
+    for u in units:
+        nested = {id(p) for m in u.modules() if m is not u and id(m) in unit_ids
+                  for p in m.parameters()}
+        own = sum((p.untyped_storage().nbytes() + granule - 1) // granule * granule
+                  for p in u.parameters() if id(p) not in nested)
+        best = max(best, own)
+    return best
 
 
 def summary(den, ref, tracker: MemoryTracker) -> dict:
