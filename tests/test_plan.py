@@ -219,3 +219,43 @@ def test_plan_of_a_train_config_reads_quantization_and_sharding():
     assert options_from_train_config(sharded).shard_degree == 4
     with pytest.raises(ValueError, match="shard_degree"):
         PlanOptions(shard_degree=0).check()
+
+
+def test_a_sharded_unit_is_a_no_split_module_less_its_nested_units():
+    from ddspo_fast.plan.worker import _largest_unit
+
+    class Block(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.lin = torch.nn.Linear(n, n)
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.own = torch.nn.Linear(4, 4)
+            self.inner = Block(10)
+
+    class Net(torch.nn.Module):
+        _no_split_modules = ["Block", "Outer"]
+
+        def __init__(self):
+            super().__init__()
+            self.outer, self.block = Outer(), Block(6)
+
+    # Block(10) is the largest unit; Outer's own part is its 4x4 layer only
+    assert _largest_unit(Net(), 1) == (10 * 10 + 10) * 4
+
+
+def test_the_readme_quotes_the_committed_shard_and_quantization_table():
+    import json
+    from pathlib import Path
+
+    from ddspo_fast.plan.fit import markdown
+
+    root = Path(__file__).resolve().parents[1]
+    doc = json.loads((root / "benchmarks" / "results" / "plan-shard-quant.json").read_text())
+    assert doc["command"].startswith("python -m ddspo_fast.plan.fit") and doc["torch"]
+    assert markdown(doc) in (root / "README.md").read_text()
+    for row in doc["rows"]:  # more ranks, or fewer bits, never more memory per rank
+        counts = [c["count_gib"] for c in row["columns"].values()]
+        assert counts == sorted(counts, reverse=True), row["config"]
