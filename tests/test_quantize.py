@@ -157,6 +157,29 @@ def test_lora_on_a_quantized_base_trains_and_loads_onto_the_plain_pipeline(tmp_p
     assert not torch.allclose(before, with_lora)
 
 
+@needs_bnb
+def test_a_quantized_run_resumes_and_refuses_another_base(tmp_path):
+    """A checkpoint holds the adapters only; it resumes over the same NF4 base, and a
+    resume that changes the base is refused naming base_quantization."""
+    from ddspo_fast.train import Trainer
+    from ddspo_fast.train.errors import ResumeMismatchError
+
+    kw = dict(lora_rank=2, lora_targets=TARGETS, base_quantization="nf4", max_steps=1,
+              checkpoint_every=1, threads=1)
+    first = Trainer(config("sd15", tmp_path / "run", **kw))
+    first.train()
+    lora = {n: p.detach().clone() for n, p in first.policy.named_parameters() if p.requires_grad}
+    again = Trainer(config("sd15", tmp_path / "run", **{**kw, "max_steps": 2},
+                           resume="latest"))
+    assert again.global_step == 1
+    got = dict(again.policy.named_parameters())
+    assert all(torch.equal(got[n], w) for n, w in lora.items())
+    again.close()
+    with pytest.raises(ResumeMismatchError, match=r"^base_quantization: .*'nf4'.*'int8'"):
+        Trainer(config("sd15", tmp_path / "run", **{**kw, "base_quantization": "int8"},
+                       resume="latest"))
+
+
 # ---------------------------------------------------------------------- cache
 @needs_bnb
 def test_a_cache_precomputed_on_the_quantized_base_equals_its_live_reference(tmp_path):
