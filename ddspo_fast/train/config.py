@@ -47,8 +47,8 @@ RUN_DEFINING = ("model", "data", "family", "objective", "pair", "pair_lora", "be
                 "text_encoder_dtype",
                 "rand_cond_prompts", "rand_cond_lambda", "rand_cond_schedule", "batch_size",
                 "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_targets", "optimizer")
-# Where and how this invocation runs; not compared on resume.
 RUN_DEFINING += ("base_quantization",)  # the frozen base's weights
+# Where and how this invocation runs; not compared on resume.
 RESUME_IGNORED = ("resume", "overwrite", "output_dir", "progress", "trust_checkpoint")
 _PATH_FIELDS = ("model", "data", "pair_lora", "rand_cond_prompts")
 TRUST_CHECKPOINT_HELP = (
