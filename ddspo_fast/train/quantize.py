@@ -85,7 +85,7 @@ def _bitsandbytes(what: str):
             import bitsandbytes
     except ImportError as e:
         raise ImportError(f"{what} needs bitsandbytes: pip install bitsandbytes "
-                          f"(or pip install 'ddspo-fast[bnb]')") from e
+                          "(the package's bnb extra)") from e
     return bitsandbytes
 
 
@@ -95,14 +95,14 @@ def _torchao(what: str):
             import torchao  # noqa: F401
     except ImportError as e:
         raise ImportError(f"{what} needs torchao: pip install torchao "
-                          f"(or pip install 'ddspo-fast[fp8]')") from e
+                          "(the package's fp8 extra)") from e
     import torchao
 
     return torchao
 
 
 def check_base_quantization(kind: str) -> None:
-    """Refuse ``kind`` here, before a model is loaded, when what it needs is missing."""
+    """Refuse ``kind`` when it is unknown or what it needs is not installed."""
     if kind not in QUANTIZATIONS:
         raise ValueError(f"base_quantization: expected one of {', '.join(QUANTIZATIONS)}, "
                          f"got {kind!r}")
