@@ -297,4 +297,5 @@ def test_committed_cpu_results_compare_like_with_like():
         if r["rung"] is not None:
             assert ("device_dependent" in r
                     and bool(r["device_dependent"]) == (r["name"] in ("channels_last", "bf16",
-                                                                      "adamw8bit", "compile")))
+                                                                      "adamw8bit", "fp8_compute",
+                                                                      "compile")))

@@ -99,7 +99,7 @@ def test_counted_parts():
     assert st == 2 * (102400 + 2048) + 2 * 512   # codes + absmax (400 x 4 B, 512-B blocks)
     assert analytic.optimizer_memory(shapes, "adamw", 4)["step_temp"] == 0
     assert analytic.optimizer_memory(shapes, "adamw-foreach", 4)["step_temp"] > 0
-    q = analytic.quantized_base([4096 * 4096], "nf4", 2)
+    q = analytic.quantized_base([[4096, 4096]], "nf4", 2)
     assert q["weights_delta"] == pytest.approx(-(2 - 0.5625) * 4096 * 4096, rel=0.01)
     assert parse_memory("24GB")[0] == 24 * GiB
     assert parse_memory("h100")[0] > 79 * GiB
@@ -136,3 +136,126 @@ def test_ladder_rows_get_their_real_size_memory():
     assert pt["count_gib"] < po["count_gib"]
     assert po["count_gib"] < po["allocated_gib"] < po["reserved_gib"]
     assert "margin" in doc["planned_real_note"]
+
+
+# ---------------------------------------------------------------------- quantized, sharded
+def _allocated_bytes(layer) -> int:
+    """Bytes of every distinct storage a quantized layer's weight holds."""
+    w = layer.weight
+    tensors = [w.data]
+    qs = getattr(w, "quant_state", None)
+    if qs is not None:
+        tensors += [qs.absmax, qs.code]
+    for owner in (w, getattr(layer, "state", None)):
+        for name in ("SCB", "CB"):
+            t = getattr(owner, name, None)
+            if torch.is_tensor(t):
+                tensors.append(t)
+    seen = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_base_bytes_are_what_bitsandbytes_allocates(kind):
+    pytest.importorskip("bitsandbytes")
+    from ddspo_fast.train.quantize import quantize_base, stored_bytes
+
+    shapes = [(128, 64), (64, 192), (320, 1280)]
+    net = torch.nn.Sequential(*[torch.nn.Linear(i, o) for o, i in shapes])
+    assert quantize_base(net, kind, compute_dtype=torch.float32) == len(shapes)
+    for layer, shape in zip(net, shapes):
+        assert _allocated_bytes(layer) == stored_bytes(kind, shape), (kind, shape)
+    # and the planner's delta: the stored tensors (512-B granules) minus the bf16 weights
+    q = analytic.quantized_base([list(s) for s in shapes], kind, 2)
+    bf16 = sum(analytic._round(2 * o * i) for o, i in shapes)
+    stored = sum(analytic._round(stored_bytes(kind, s)) for s in shapes)
+    assert stored - bf16 <= q["weights_delta"] < 0
+
+
+def _traced() -> dict:
+    """A traced step as the worker reports one (bytes per phase and category)."""
+    phases = {name: {"weights": 1000 + i, "autocast": 70, "grads": 300 * i, "saved": 5000 + i,
+                     "transient": 40} for i, name in enumerate(
+                         ("reference forward", "policy forward", "loss", "backward"))}
+    return {"phases": phases, "flops": {}, "trainable_shapes": [[10, 10]],
+            "trainable_bytes": 400, "policy_frozen_bytes": 500, "reference_bytes": 100,
+            "frozen_linear_shapes": [[10, 10]], "largest_unit_bytes": 64, "params": 1}
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 8])
+def test_sharding_divides_weights_grads_and_states_not_activations(ranks):
+    from ddspo_fast.plan.estimate import combine
+
+    whole = combine(None, PlanOptions(lora_rank=None), _traced())
+    per = combine(None, PlanOptions(lora_rank=None, shard_degree=ranks), _traced())
+    ceil = lambda b: -(-b // ranks)  # noqa: E731
+    for name, w in whole.phases.items():
+        p = per.phases[name]
+        for cat in ("weights", "grads", "optimizer states"):
+            assert p[cat] == ceil(w[cat]), (name, cat)
+        assert p["saved"] == w["saved"] and p["autocast"] == w["autocast"]
+        gather = 2 * 64 if name in ("policy forward", "reference forward", "backward") else 0
+        if name == "optimizer step":
+            assert p["transient"] == ceil(w["transient"])
+        else:
+            assert p["transient"] == w["transient"] + gather
+    assert per.peak < whole.peak
+
+
+def test_plan_of_a_train_config_reads_quantization_and_sharding():
+    from types import SimpleNamespace
+
+    from ddspo_fast.plan import options_from_train_config
+    from ddspo_fast.train import TrainConfig
+
+    cfg = TrainConfig(model="m", data="d", lora_rank=8, base_quantization="nf4")
+    o = options_from_train_config(cfg)
+    assert (o.base, o.lora_rank, o.shard_degree) == ("nf4", 8, 1)
+    # a sharding setting, where the config has one
+    sharded = SimpleNamespace(**{**cfg.to_dict(), "shard_degree": 4})
+    assert options_from_train_config(sharded).shard_degree == 4
+    with pytest.raises(ValueError, match="shard_degree"):
+        PlanOptions(shard_degree=0).check()
+
+
+def test_a_sharded_unit_is_a_no_split_module_less_its_nested_units():
+    from ddspo_fast.plan.worker import _largest_unit
+
+    class Block(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.lin = torch.nn.Linear(n, n)
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.own = torch.nn.Linear(4, 4)
+            self.inner = Block(10)
+
+    class Net(torch.nn.Module):
+        _no_split_modules = ["Block", "Outer"]
+
+        def __init__(self):
+            super().__init__()
+            self.outer, self.block = Outer(), Block(6)
+
+    # Block(10) is the largest unit; Outer's own part is its 4x4 layer only
+    assert _largest_unit(Net(), 1) == (10 * 10 + 10) * 4
+
+
+def test_the_readme_quotes_the_committed_shard_and_quantization_table():
+    import json
+    from pathlib import Path
+
+    from ddspo_fast.plan.fit import markdown
+
+    root = Path(__file__).resolve().parents[1]
+    doc = json.loads((root / "benchmarks" / "results" / "plan-shard-quant.json").read_text())
+    assert doc["command"].startswith("python -m ddspo_fast.plan.fit") and doc["torch"]
+    assert markdown(doc) in (root / "README.md").read_text()
+    for row in doc["rows"]:  # more ranks, or fewer bits, never more memory per rank
+        counts = [c["count_gib"] for c in row["columns"].values()]
+        assert counts == sorted(counts, reverse=True), row["config"]

@@ -84,6 +84,7 @@ class StepConfig:
     compile: bool
     lora_rank: Optional[int] = None
     lora_targets: Optional[tuple] = None
+    fp8_compute: bool = False    # the denoiser's linear matmuls in fp8 (torchao float8)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -194,6 +195,9 @@ CHANGES = (
            "on a CPU; its CPU ratio says nothing about a GPU"),
     Change("adamw8bit", "optimizer", "adamw8bit", "8-bit AdamW states (bitsandbytes)",
            "bitsandbytes runs different kernels on a CPU and a GPU"),
+    Change("fp8_compute", "fp8_compute", True, "fp8 matmuls in the denoiser's linear layers "
+                                               "(torchao float8 training, dynamic scales)",
+           "fp8 tensor cores: CUDA GPUs of compute capability 8.9+ only"),
     Change("compile", "compile", True, "torch.compile of the denoiser (policy and reference)",
            "inductor generates C++ on a CPU and Triton on a GPU"),
 )
@@ -223,13 +227,18 @@ class Rung:
 NOT_SELECTED = "not selected (--rungs)"
 
 
+# Changes a user opts into, left out of the tuned row: compile (its warm-up) and fp8
+# matmuls (another precision than the recipe's).
+OPT_IN = ("compile", "fp8_compute")
+
+
 def tuned(rungs: list) -> Rung:
     """The rung whose settings the library's tuned row uses: every change of the ladder
-    that applies here but compile (a rung not selected with --rungs still applies; one
-    that cannot run here does not)."""
+    that applies here but the opt-in ones (a rung not selected with --rungs still applies;
+    one that cannot run here does not)."""
     out = rungs[0]
     for r in rungs[1:]:
-        if r.name != "compile" and r.skipped in (None, NOT_SELECTED):
+        if r.name not in OPT_IN and r.skipped in (None, NOT_SELECTED):
             out = r
     return out
 
@@ -263,6 +272,23 @@ def bitsandbytes_missing() -> Optional[str]:
     return None
 
 
+def fp8_compute_missing(device_type: str) -> Optional[str]:
+    """None when fp8 matmuls can run on ``device_type``, else why not."""
+    import torch
+
+    from ..train.quantize import fp8_compute_problem
+
+    device = torch.device("cuda" if device_type == "cuda" else device_type)
+    why = fp8_compute_problem(device)
+    if why is not None:
+        return why
+    try:
+        import torchao  # noqa: F401
+    except ImportError as e:
+        return f"torchao is not installed ({e}); pip install torchao"
+    return None
+
+
 def build_ladder(family: str, *, is_unet: bool, lora_rank: int = 128,
                  device_type: str = "cuda", pin_optimizer: Optional[str] = None, only: Optional[set] = None,
                  compile_missing: Optional[str] = None,
@@ -291,6 +317,8 @@ def build_ladder(family: str, *, is_unet: bool, lora_rank: int = 128,
             why = bnb_missing()
         elif ch.name == "channels_last" and not is_unet:
             why = "not a UNet: channels_last only changes convolutions"
+        elif ch.name == "fp8_compute":
+            why = fp8_compute_missing(device_type)
         elif ch.name == "compile":
             why = compile_missing
         if why is not None:

@@ -115,6 +115,10 @@ class LadderStep:
         else:
             den.requires_grad_(True)
             self.reference = copy.deepcopy(den).to(self.frozen_dtype).requires_grad_(False).eval()
+        if cfg.fp8_compute:  # the policy's matmuls (a full fine-tune's reference keeps its own)
+            from ..train.quantize import enable_fp8_compute
+
+            enable_fp8_compute(den, device)
         if cfg.gradient_checkpointing:
             den.enable_gradient_checkpointing()
         den.train()

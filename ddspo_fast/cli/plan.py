@@ -45,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "trained weights (default bf16) | bf16-pure / fp16-pure")
     p.add_argument("--base", choices=BASES, help="frozen weights' dtype (LoRA base, reference "
                    "copy); nf4 / int8 / fp8 quantize a LoRA base (default: the autocast dtype)")
+    p.add_argument("--base-quantization", choices=("none", "nf4", "int8", "fp8"),
+                   help="as train's base_quantization: a LoRA base stored quantized (the same "
+                   "as --base nf4 / int8 / fp8; none = --base auto)")
+    p.add_argument("--shard", type=positive_int("--shard"), metavar="N", dest="shard_degree",
+                   help="per-rank memory with weights, gradients and optimizer states sharded "
+                   "over N GPUs (FSDP full shard); activations are not sharded")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--attention", choices=("auto", "flash", "mem-efficient", "xformers", "math"),
                    help="attention kernel (default auto: what SDPA picks on a GPU)")
@@ -77,8 +83,12 @@ def _options(args, cfg):
 
     opts = options_from_train_config(cfg) if cfg is not None else PlanOptions()
     changes = {}
+    if args.base_quantization is not None:
+        if args.base is not None:
+            raise CLIError("--base-quantization: give it or --base, not both")
+        args.base = "auto" if args.base_quantization == "none" else args.base_quantization
     for name in ("batch", "mode", "precision", "base", "attention", "optimizer", "ema",
-                 "height", "width", "text_tokens"):
+                 "height", "width", "text_tokens", "shard_degree"):
         v = getattr(args, name)
         if v is not None:
             changes[name] = v

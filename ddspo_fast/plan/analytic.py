@@ -54,20 +54,19 @@ def optimizer_memory(shapes: list, optimizer: str, param_bytes: int) -> dict:
     return {"states": states, "step_temp": temp, "paged": paged}
 
 
-def quantized_base(linear_numels: list, base: str, frozen_bytes_per: int) -> dict:
+def quantized_base(linear_shapes: list, base: str, frozen_bytes_per: int) -> dict:
     """Bytes a quantized frozen base saves (negative delta on weights) and the transient
     of dequantizing the largest layer, against the traced base in ``frozen_bytes_per``
-    bytes per element."""
-    if base in ("auto", "fp32", "bf16", "fp16") or not linear_numels:
+    bytes per element. Stored sizes are those ``train/quantize.py`` allocates (each of a
+    layer's tensors: codes, scales, code book, rounded to the allocator's granule)."""
+    from ..train.quantize import stored_tensors
+
+    if base in ("auto", "fp32", "bf16", "fp16") or not linear_shapes:
         return {"weights_delta": 0, "dequant": 0}
-    traced = sum(_round(n * frozen_bytes_per) for n in linear_numels)
-    if base == "nf4":     # 4-bit codes + one fp32 absmax per 64 values (no double quant)
-        stored = sum(_round(n // 2) + _round(4 * math.ceil(n / 64)) for n in linear_numels)
-    elif base == "int8":  # LLM.int8: int8 codes + fp32 row scales (~ 1 B per value)
-        stored = sum(_round(n) + _round(4 * math.isqrt(n)) for n in linear_numels)
-    else:                 # fp8 weights (torchao / float8 storage), one scale per tensor
-        stored = sum(_round(n) for n in linear_numels)
-    return {"weights_delta": stored - traced, "dequant": _round(2 * max(linear_numels))}
+    numels = [math.prod(s) for s in linear_shapes]
+    traced = sum(_round(n * frozen_bytes_per) for n in numels)
+    stored = sum(_round(b) for s in linear_shapes for b in stored_tensors(base, s))
+    return {"weights_delta": stored - traced, "dequant": _round(2 * max(numels))}
 
 
 def count_params(cls_name: str, config: dict) -> int:

@@ -17,7 +17,11 @@ def options_from_train_config(cfg) -> PlanOptions:
     if cfg.objective == "ddspo" and cfg.pair != "reference":
         raise ValueError("pair: the planner models the reference pair (TF-CPP) and "
                          "Diffusion-DPO; DD-CPP's pair adapters are not modelled yet")
+    quant = getattr(cfg, "base_quantization", "none")
+    base = "auto" if quant in (None, "none") else quant
+    shards = getattr(cfg, "shard_degree", None)  # the sharding setting, where a config has one
     return PlanOptions(
+        base=base, shard_degree=int(shards) if shards else 1,
         batch=cfg.batch_size, mode="ddspo" if cfg.objective == "ddspo" else "dpo",
         reference="cached" if cfg.reference_cache else "live", lora_rank=cfg.lora_rank,
         precision=precision, checkpointing=bool(cfg.gradient_checkpointing),

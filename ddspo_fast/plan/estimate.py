@@ -35,6 +35,8 @@ class PlanOptions:
     width: Optional[int] = None
     text_tokens: Optional[int] = None
     reference_first: Optional[bool] = None   # None: as ddspo_fast's trainer (DDSPO: yes)
+    shard_degree: int = 1                # ranks the weights, gradients and optimizer states
+                                         # are sharded over (FSDP full shard); 1 = none
 
     def check(self) -> None:
         if self.batch < 1:
@@ -59,6 +61,8 @@ class PlanOptions:
                                  f"encoders) or none, got {v!r}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank: expected >= 1, got {self.lora_rank}")
+        if not isinstance(self.shard_degree, int) or self.shard_degree < 1:
+            raise ValueError(f"shard_degree: expected an int >= 1, got {self.shard_degree!r}")
 
     def ref_first(self) -> bool:
         """ddspo_fast's trainer runs the reference first for DDSPO (train/pairs.py)."""
@@ -173,7 +177,7 @@ def combine(arch: Arch, opts: PlanOptions, traced: dict) -> Estimate:
     shapes = traced["trainable_shapes"]
     opt = analytic.optimizer_memory(shapes, opts.optimizer, pbytes)
     frozen_per = 2 if opts.base in ("nf4", "int8", "fp8") else None
-    quant = analytic.quantized_base(traced["frozen_linear_numels"], opts.base, frozen_per or 2)
+    quant = analytic.quantized_base(traced["frozen_linear_shapes"], opts.base, frozen_per or 2)
     ema = 0
     if opts.ema:
         ema = sum(analytic._round(_prod(s) * sizes[opts.ema]) for s in shapes)
@@ -185,23 +189,33 @@ def combine(arch: Arch, opts: PlanOptions, traced: dict) -> Estimate:
               "optimizer step temporary": opt["step_temp"], "EMA copy": ema,
               "text encoders": text, "VAE": vae, "quantized base delta": quant["weights_delta"],
               "dequantization buffer": quant["dequant"]}
-    resident = states_on_device + ema + text + vae
+    # N-way sharding (FSDP full shard): each rank holds 1/N of the weights (policy and
+    # live reference alike), gradients and optimizer states; activations are its own. A
+    # forward or backward also holds whole the unit it computes and the next one
+    # (prefetch): twice the largest denoiser block, as traced.
+    ranks = opts.shard_degree
+    shard = (lambda b: -(-int(b) // ranks)) if ranks > 1 else int
+    gather = 2 * traced.get("largest_unit_bytes", 0) if ranks > 1 else 0
+    extras["shard degree"] = ranks
+    extras["all-gathered units"] = gather
+    states_rank = shard(states_on_device)
     phases = {}
     for name, p in traced["phases"].items():
         if name == "setup":
             continue
         row = {k: p.get(k, 0) for k in ("weights", "autocast", "grads", "saved", "transient")}
-        row["weights"] += quant["weights_delta"]
-        row["transient"] += quant["dequant"] if name in ("policy forward", "reference forward",
-                                                         "backward") else 0
-        row["optimizer states"] = states_on_device
+        row["weights"] = shard(row["weights"] + quant["weights_delta"])
+        row["grads"] = shard(row["grads"])
+        computes = name in ("policy forward", "reference forward", "backward")
+        row["transient"] += (quant["dequant"] + gather) if computes else 0
+        row["optimizer states"] = states_rank
         row["other resident"] = ema + text + vae
         row["total"] = sum(row.values())
         phases[name] = row
     weights = (traced["trainable_bytes"] + traced["policy_frozen_bytes"] + traced["reference_bytes"]
                + quant["weights_delta"])
-    step = {"weights": weights, "autocast": 0, "grads": traced["trainable_bytes"], "saved": 0,
-            "transient": opt["step_temp"], "optimizer states": states_on_device,
+    step = {"weights": shard(weights), "autocast": 0, "grads": shard(traced["trainable_bytes"]),
+            "saved": 0, "transient": shard(opt["step_temp"]), "optimizer states": states_rank,
             "other resident": ema + text + vae}
     step["total"] = sum(step.values())
     phases["optimizer step"] = step

@@ -33,7 +33,8 @@ def describe(est: Estimate) -> str:
              "reference before policy" if o.ref_first() and o.reference == "live" and o.mode != "sft" else None,
              f"EMA {o.ema}" if o.ema else None,
              f"text encoders resident ({o.text_encoders})" if o.text_encoders else None,
-             f"VAE resident ({o.vae})" if o.vae else None]
+             f"VAE resident ({o.vae})" if o.vae else None,
+             f"sharded over {o.shard_degree} ranks (per-rank memory)" if o.shard_degree > 1 else None]
     return ", ".join(p for p in parts if p)
 
 

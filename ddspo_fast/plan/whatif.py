@@ -1,7 +1,7 @@
 """What would make a step fit: variants of one estimate.
 
-Changes that only move counted parts (8-bit optimizer states, a reference cache, sharding)
-are recomputed from the same trace; changes of the traced step itself (checkpointing,
+Changes that only move counted parts (8-bit optimizer states, a reference cache, a
+quantized LoRA base, sharding) are recomputed from the same trace; changes of the traced step itself (checkpointing,
 LoRA, reference before policy) run another trace, only when asked (``traced=True``).
 """
 from __future__ import annotations
@@ -33,15 +33,20 @@ def with_optimizer(est: Estimate, optimizer: str) -> Estimate:
     return combine(est.arch, replace(est.options, optimizer=optimizer), est.traced)
 
 
-def sharded_peak(est: Estimate, ranks: int) -> int:
-    """Per-rank peak with weights, gradients and optimizer states sharded over ``ranks``
-    (FSDP full shard / ZeRO-3), activations unchanged; the all-gathered working layer is
-    not counted. ddspo_fast does not shard yet: this is what it would need."""
-    best = 0
-    for p in est.phases.values():
-        shardable = p["weights"] + p["grads"] + p["optimizer states"]
-        best = max(best, int(p["total"] - shardable * (1 - 1 / ranks)))
-    return best
+def with_sharding(est: Estimate, ranks: int) -> Estimate:
+    """The same step with weights, gradients and optimizer states sharded over ``ranks``
+    (per-rank memory; see ``estimate.combine``)."""
+    return combine(est.arch, replace(est.options, shard_degree=ranks), est.traced)
+
+
+def with_base(est: Estimate, base: str) -> Estimate:
+    """The same LoRA step over a ``base`` (nf4 | int8 | fp8) quantized frozen base."""
+    return combine(est.arch, replace(est.options, base=base), est.traced)
+
+
+def _traced_base_is_16_bit(o) -> bool:
+    # a quantized base is counted against a base traced in bf16
+    return o.base in ("bf16", "fp16") or (o.base == "auto" and o.precision != "fp32")
 
 
 def variants(est: Estimate, *, traced: bool = False) -> list[tuple[str, Estimate | int]]:
@@ -59,6 +64,11 @@ def variants(est: Estimate, *, traced: bool = False) -> list[tuple[str, Estimate
             out.append(("LoRA rank 64", estimate_step(est.arch, replace(o, lora_rank=64))))
         if o.reference == "live" and o.mode != "sft" and not o.ref_first():
             out.append(("reference before policy", estimate_step(est.arch, replace(o, reference_first=True))))
-    for n in (2, 4, 8):
-        out.append((f"sharding over {n} GPUs (per rank; when sharding lands)", sharded_peak(est, n)))
+    if o.lora_rank is not None and _traced_base_is_16_bit(o):
+        for base, what in (("nf4", "NF4 base (base_quantization nf4)"),
+                           ("int8", "int8 base (base_quantization int8)")):
+            out.append((what, with_base(est, base)))
+    if o.shard_degree == 1:
+        for n in (2, 4, 8):
+            out.append((f"sharding over {n} GPUs (per rank)", with_sharding(est, n)))
     return out

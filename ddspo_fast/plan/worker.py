@@ -21,9 +21,29 @@ def _bytes(module, pred, granule) -> int:
 
 
 def _frozen_linears(den) -> list:
-    """numel of each frozen nn.Linear weight (what a quantized base stores in 4/8 bit)."""
-    return [m.weight.numel() for m in den.modules()
+    """(out, in) of each frozen nn.Linear weight (what a quantized base stores in 4/8 bit)."""
+    return [list(m.weight.shape) for m in den.modules()
             if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+
+
+def _largest_unit(den, granule) -> int:
+    """Bytes of the largest unit a sharded run gathers whole at a time: the model's own
+    ``_no_split_modules`` classes (what accelerate's FSDP wraps as units), each less
+    the units nested in it (wrapped apart); blocks of its ModuleLists where it names
+    none."""
+    names = set(getattr(den, "_no_split_modules", None) or ())
+    units = [m for m in den.modules() if type(m).__name__ in names]
+    if not units:
+        units = [u for ml in den.modules() if isinstance(ml, torch.nn.ModuleList) for u in ml]
+    unit_ids = {id(u) for u in units}
+    best = 0
+    for u in units:
+        nested = {id(p) for m in u.modules() if m is not u and id(m) in unit_ids
+                  for p in m.parameters()}
+        own = sum((p.untyped_storage().nbytes() + granule - 1) // granule * granule
+                  for p in u.parameters() if id(p) not in nested)
+        best = max(best, own)
+    return best
 
 
 def summary(den, ref, tracker: MemoryTracker) -> dict:
@@ -39,7 +59,8 @@ def summary(den, ref, tracker: MemoryTracker) -> dict:
         "policy_frozen_bytes": _bytes(den, lambda p: not p.requires_grad, g),
         "reference_bytes": (_bytes(ref, lambda p: True, g)
                             if ref is not None and ref is not den else 0),
-        "frozen_linear_numels": _frozen_linears(den),
+        "frozen_linear_shapes": _frozen_linears(den),
+        "largest_unit_bytes": _largest_unit(den, g),
         "params": sum(p.numel() for p in den.parameters()),
     }
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from ..models import family_names
+from .quantize import QUANTIZATIONS
 
 OBJECTIVES = ("ddspo", "dpo")
 PAIRS = ("reference", "lora")
@@ -45,6 +46,7 @@ RUN_DEFINING = ("model", "data", "family", "objective", "pair", "pair_lora", "be
                 "text_encoder_dtype",
                 "rand_cond_prompts", "rand_cond_lambda", "rand_cond_schedule", "batch_size",
                 "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_targets", "optimizer")
+RUN_DEFINING += ("base_quantization",)  # the frozen base's weights
 # Where and how this invocation runs; not compared on resume.
 RESUME_IGNORED = ("resume", "overwrite", "output_dir", "progress", "trust_checkpoint")
 _PATH_FIELDS = ("model", "data", "pair_lora", "rand_cond_prompts")
@@ -444,6 +446,17 @@ class TrainConfig(RunConfig):
                                                "guidance value fed to the denoiser in training. "
                                                "None = diffusers' DreamBooth script default 3.5; "
                                                "refused for models without a guidance embedding.")
+    # ---------------------------------------------------------------- low-precision base and matmuls
+    base_quantization: str = _f("none", "LoRA runs: store the frozen denoiser's linear layers "
+                                        "quantized. none | nf4 (bitsandbytes 4-bit NormalFloat, "
+                                        "QLoRA's format: ~0.56 byte per weight) | int8 "
+                                        "(bitsandbytes LLM.int8) | fp8 (torchao e4m3 weights). "
+                                        "The reference is the same quantized module with the "
+                                        "adapters off. Text encoders are not quantized.",
+                                choices=QUANTIZATIONS)
+    fp8_compute: bool = _f(False, "Run the denoiser's linear-layer matmuls in fp8 (torchao "
+                                  "float8 training); CUDA GPUs of compute capability 8.9+ "
+                                  "(Ada, Hopper, Blackwell) only.")
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -542,6 +555,21 @@ class TrainConfig(RunConfig):
                      "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
+        # ---- low-precision base and matmuls (train/quantize.py does the work)
+        if self.base_quantization is None:
+            self.base_quantization = "none"
+        if self.base_quantization not in QUANTIZATIONS:
+            raise bad("base_quantization", "one of " + ", ".join(QUANTIZATIONS))
+        if self.base_quantization != "none" and self.lora_rank is None:
+            raise ValueError(f"base_quantization: a {self.base_quantization} base is frozen, "
+                             "but a full fine-tune (lora_rank None) trains every weight of it; "
+                             "set lora_rank, or base_quantization='none'")
+        if not isinstance(self.fp8_compute, bool):
+            raise bad("fp8_compute", "True or False")
+        if self.fp8_compute and self.base_quantization != "none":
+            raise ValueError(f"fp8_compute: cannot be combined with base_quantization="
+                             f"{self.base_quantization!r} (both replace the denoiser's linear "
+                             "layers); choose one")
 
     def check_ready(self) -> None:
         """Checks that only matter when training starts (required paths present)."""

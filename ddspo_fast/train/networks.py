@@ -27,6 +27,7 @@ import torch
 
 from .lora import LOSE, POLICY, WIN, AdapterSwitch, add_policy_lora
 from .precision import Precision, store_frozen, store_trainable
+from .quantize import apply_to_denoiser
 
 
 def data_parallel(accelerator=None) -> tuple[int, int]:
@@ -126,6 +127,10 @@ def build_preference_networks(adapter, cfg, precision: Precision, *, mode: str,
     den = adapter.denoiser
     _attention(den, cfg.attention)
     adapter.prepare_denoiser(den, channels_last=cfg.channels_last)
+    # base_quantization / fp8_compute: quantized frozen layers or fp8 matmuls, after
+    # loading and before any adapter (quantize.py)
+    apply_to_denoiser(den, cfg, compute_dtype=precision.frozen,
+                      device=next(den.parameters()).device)
     dd_cpp = mode == "dd_cpp"
 
     def with_pair_adapters(module) -> AdapterSwitch:

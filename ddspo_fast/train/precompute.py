@@ -42,6 +42,7 @@ class _Frozen:
     def __init__(self, cfg, family: str, mode: str, need_text: bool, device):
         from ..models import get_family, load_adapter
         from .lora import LOSE, WIN, AdapterSwitch, find_pair_dirs, load_named_adapter
+        from .quantize import quantize_base
 
         self.dtype = weight_dtype(cfg.mixed_precision)
         comps = ("denoiser", "text") if need_text else ("denoiser",)
@@ -55,14 +56,16 @@ class _Frozen:
         if cfg.attention == "xformers":
             den.enable_xformers_memory_efficient_attention()
         a.prepare_denoiser(den, channels_last=cfg.channels_last)
+        quantize_base(den, cfg.base_quantization, compute_dtype=self.dtype)  # as the trainer
         self.den, self.switch = den, None
         if mode == "dd_cpp":
             win, lose = find_pair_dirs(cfg.pair_lora)
             load_named_adapter(den, win, WIN, a.denoiser_name)
             load_named_adapter(den, lose, LOSE, a.denoiser_name)
-            for p in den.parameters():
+            for name, p in den.named_parameters():
                 p.requires_grad_(False)
-                p.data = p.data.to(self.dtype)
+                if f".{WIN}." in name or f".{LOSE}." in name:  # a quantized base keeps its codes
+                    p.data = p.data.to(self.dtype)
             self.switch = AdapterSwitch(den)
             self.switch.set(None)
         self.win, self.lose = WIN, LOSE

@@ -77,6 +77,7 @@ COMPARED = (
     ("guidance", "guidance_scale"),
     ("mixing", "rand_cond_prompts / rand_cond_schedule / rand_cond_lambda"),
     ("seed", "seed"), ("precision", "mixed_precision"),
+    ("base_quantization", "base_quantization (the frozen base's stored weights)"),
     ("text_dtype", "text_encoder_dtype (the dtype prompts are encoded in)"),
     ("draws_version", "draws_version"),
 )
@@ -251,7 +252,9 @@ def fingerprint(cfg, family: str, dataset, known_files: Optional[dict] = None
                                "shift": None if cfg.flow_shift is None else float(cfg.flow_shift)},
           "mixing": mix, "seed": int(cfg.seed), "precision": cfg.mixed_precision,
           "text_dtype": _text_dtype(fam, cfg, text is not None),
-          "draws_version": DRAWS_VERSION}
+          "draws_version": DRAWS_VERSION,
+          # None for an unquantized base, so caches written before this field still match
+          "base_quantization": None if cfg.base_quantization == "none" else cfg.base_quantization}
     return fp, files
 
 
