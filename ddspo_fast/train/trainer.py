@@ -94,13 +94,18 @@ class Trainer:
                 find_unused_parameters=cfg.ddp_find_unused_parameters)])
         from accelerate.utils import DistributedType
 
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            # The reference calls, adapter switching and checkpoints here address the
-            # unsharded module; under FSDP/DeepSpeed they would bypass the sharding.
-            raise ValueError(f"distributed_type: {self.accelerator.distributed_type.value} is "
-                             "not supported by this trainer; launch with DDP "
-                             "(accelerate launch --multi_gpu) and use lora_rank, "
-                             "gradient_checkpointing and optimizer='adamw8bit' to save memory")
+        from . import sharding
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError("distributed_type: DEEPSPEED is not supported by this trainer; "
+                             "launch with DDP (accelerate launch --multi_gpu) or shard with "
+                             "FSDP2 (accelerate launch --config_file "
+                             "configs/accelerate_fsdp2.yaml)")
+        # FSDP2 (sharding.py): the policy, and a full fine-tune's live reference, sharded
+        # over the processes; None for DDP and one-process runs
+        self.shard_options = sharding.launch_options(self.accelerator)
+        if self.shard_options is not None:
+            sharding.check_config(cfg, self.mixed_precision)
         self.device = self.accelerator.device
         if cfg.device is not None and self.device.type != cfg.device.partition(":")[0]:
             raise ValueError(f"device: {cfg.device!r} asked for, but accelerate placed this "
@@ -192,14 +197,21 @@ class Trainer:
 
         cfg = self.config
         lora = cfg.lora_rank is not None
+        sharded = self.shard_options is not None
         comps = ("denoiser", "text") if self.need_text else ("denoiser",)
         # Frozen weights (text encoders, LoRA base, reference copy) are stored in the
-        # autocast dtype; the trained weights stay fp32.
+        # autocast dtype; the trained weights stay fp32. A sharded denoiser is loaded on
+        # the CPU and reaches the device shard by shard (sharding.shard).
         self.adapter = a = load_adapter(cfg.model, self.family, components=comps,
-                                        device=self.device,
+                                        device="cpu" if sharded else self.device,
                                         dtype=self.weight_dtype if lora else torch.float32,
                                         text_dtype=get_family(self.family).text_dtype_for(
                                             self.weight_dtype, cfg.text_encoder_dtype))
+        if sharded and self.device.type != "cpu":
+            for name, comp in a.pipe.components.items():
+                if isinstance(comp, torch.nn.Module) and name != a.denoiser_name:
+                    comp.to(self.device)
+            a.device = self.device
         if cfg.timestep_sampling is not None and cfg.timestep_sampling not in a.timestep_schemes():
             raise ValueError(f"timestep_sampling: expected one of {a.timestep_schemes()} for "
                              f"{self.family}, got {cfg.timestep_sampling!r}")
@@ -217,7 +229,8 @@ class Trainer:
                 raise ImportError("attention='xformers' needs xformers: pip install xformers "
                                   "(or use attention='sdpa')") from e
             den.enable_xformers_memory_efficient_attention()
-        a.prepare_denoiser(den, channels_last=cfg.channels_last)
+        # FSDP2 shards contiguous weights only: a sharded UNet keeps its weights' layout
+        a.prepare_denoiser(den, channels_last=cfg.channels_last and not sharded)
         dd_cpp = self.mode == "dd_cpp"
         cached = self.ref_cache is not None  # no reference, no pair adapters
         self.ref_switch = None
@@ -251,6 +264,13 @@ class Trainer:
         if cfg.gradient_checkpointing:
             den.enable_gradient_checkpointing()
         den.train()
+        if sharded:
+            from .sharding import device_mesh, shard
+
+            mesh = device_mesh(self.device)
+            for module in {id(m): m for m in (den, self.reference) if m is not None}.values():
+                shard(module, self.family, mesh, mixed_precision=self.mixed_precision,
+                      options=self.shard_options)
         if cfg.compile:
             den.compile()
             if self.reference is not None and self.reference is not den:
@@ -285,7 +305,10 @@ class Trainer:
     def _setup_optim(self) -> None:
         cfg = self.config
         opt = build_optimizer(self.trainable, cfg)
-        self._policy_ddp = self.accelerator.prepare_model(self.policy)
+        # a sharded policy is already distributed (its gradients are reduce-scattered in
+        # every backward); accelerate wraps the optimizer only
+        self._policy_ddp = (self.policy if self.shard_options is not None
+                            else self.accelerator.prepare_model(self.policy))
         self.optimizer = self.accelerator.prepare_optimizer(opt)
         # Stepped by hand once per optimizer step (accelerate's wrapper would step it
         # once per process).
@@ -384,14 +407,22 @@ class Trainer:
         optimizer / LR-schedule step. Returns detached tensors (no host sync):
         ``loss``, ``implicit_acc``, ``model_mse``, ``ref_mse``, ``margin``, ``tau``."""
         acc, cfg = self.accelerator, self.config
-        with acc.accumulate(self._policy_ddp):
+        sharded = self.shard_options is not None
+        # sharded: no accumulation without sync (it would keep whole gradients per process)
+        with acc.accumulate(*(() if sharded else (self._policy_ddp,))):
             with acc.autocast():
                 loss, stats, inp = self.compute_loss(batch)
             acc.backward(loss)
             self.guard.see_loss(loss)
             skip = False
             if acc.sync_gradients:
-                if cfg.max_grad_norm is not None:
+                if sharded:
+                    from . import sharding
+
+                    norm = (sharding.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                            if cfg.max_grad_norm is not None else
+                            sharding.grad_norm(self.trainable) if self.guard.check_grads else None)
+                elif cfg.max_grad_norm is not None:
                     norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
                 else:
                     norm = grad_norm(self.trainable) if self.guard.check_grads else None
@@ -427,7 +458,11 @@ class Trainer:
     def _check_finite(self, where: str) -> None:
         """Raise ``NonFiniteError`` if a non-finite loss/gradient was seen (one sync)."""
         step = self.guard.first_bad_step(self.accelerator)
-        if step == 0 and where in ("checkpoint", "export") and not all_finite(self.trainable):
+        if self.shard_options is not None:
+            from .sharding import all_finite as finite  # each process holds a shard
+        else:
+            finite = all_finite
+        if step == 0 and where in ("checkpoint", "export") and not finite(self.trainable):
             step = self.global_step
         if step:
             cfg = self.config
@@ -530,7 +565,8 @@ class Trainer:
             f"ddspo-fast train: {self.adapter.describe()} {cfg.objective} "
             f"({self.mode.replace('_', '-').upper()}), beta {cfg.beta:g}, "
             f"lr {cfg.learning_rate:g} -> {cfg.output_dir}",
-            f"  device {self.device} x {acc.num_processes} process(es), {precision}, "
+            f"  device {self.device} x {acc.num_processes} process(es)"
+            f"{', sharded (FSDP2)' if self.shard_options is not None else ''}, {precision}, "
             f"{threads} CPU thread(s)",
             f"  trainable {human_count(n_train)} of {human_count(n_all)} denoiser parameters "
             f"({what})",
@@ -596,6 +632,18 @@ class Trainer:
         state = {"global_step": step, "micro_step": self.micro_step,
                  "num_processes": acc.num_processes, "last_metrics": json_safe(self.last_metrics),
                  "config": cfg.to_dict()}
+        if self.shard_options is not None:  # each process writes its own shards
+            from .sharding import local_optimizer, local_trainable
+
+            path = ckpt.save_sharded(
+                cfg.output_dir, step, acc,
+                shards=lambda: local_trainable(self.policy, self.trainable_names),
+                optimizer=lambda: local_optimizer(self.policy, self.optimizer),
+                scheduler=self.scheduler, state=state,
+                rng=ckpt.capture_rng(self.generator, self.prompt_sampler),
+                keep=cfg.checkpoints_keep)
+            self.last_checkpoint = str(path)
+            return self.last_checkpoint
         path = ckpt.save(
             cfg.output_dir, step, acc,
             trainable=lambda: {n: named[n].detach().to("cpu").contiguous()
@@ -625,18 +673,36 @@ class Trainer:
                     f"{name}: the checkpoint {path} was trained with {name}={old!r}, this run "
                     f"asks for {new!r}; a resumed run keeps the settings that define it (start "
                     f"a new output_dir to train with another {name})", field=name)
-        got = ckpt.load(path, acc.process_index, verified=True, state=state, trust=trust)
-        named = dict(self.policy.named_parameters())
-        missing = [n for n in self.trainable_names if n not in got.trainable]
-        if missing:
-            raise ValueError(f"resume: {path} does not match this model/config (no "
-                             f"{missing[0]})")
-        with torch.no_grad():
-            for n in self.trainable_names:
-                p = named[n]
-                p.data = p.data.float() if p.dtype != torch.float32 else p.data
-                p.copy_(got.trainable[n].to(p.device, torch.float32))
-        self.optimizer.load_state_dict(got.optimizer)
+        if (self.shard_options is not None) != ckpt.is_sharded(path):
+            raise ValueError(
+                f"resume: {path} was written by a {'' if ckpt.is_sharded(path) else 'not '}"
+                f"sharded (FSDP2) run, this run is {'' if self.shard_options else 'not '}"
+                "sharded; resume with the launch that wrote it (or export it with "
+                "ddspo-fast export and start a new run from the export)")
+        if self.shard_options is not None:
+            from .sharding import load_local_optimizer, load_local_trainable
+
+            got = ckpt.load_sharded(path, acc.process_index, acc.num_processes, verified=True,
+                                    state=state)
+            try:
+                load_local_trainable(self.policy, got.trainable, self.trainable_names)
+                load_local_optimizer(self.policy, self.optimizer, got.optimizer)
+            except ValueError as e:
+                raise ValueError(f"resume: {path} does not match this model/config: {e}") \
+                    from None
+        else:
+            got = ckpt.load(path, acc.process_index, verified=True, state=state, trust=trust)
+            named = dict(self.policy.named_parameters())
+            missing = [n for n in self.trainable_names if n not in got.trainable]
+            if missing:
+                raise ValueError(f"resume: {path} does not match this model/config (no "
+                                 f"{missing[0]})")
+            with torch.no_grad():
+                for n in self.trainable_names:
+                    p = named[n]
+                    p.data = p.data.float() if p.dtype != torch.float32 else p.data
+                    p.copy_(got.trainable[n].to(p.device, torch.float32))
+            self.optimizer.load_state_dict(got.optimizer)
         self.scheduler.load_state_dict(got.scheduler)
         if got.rng is not None:
             ckpt.restore_rng(got.rng, self.generator, self.prompt_sampler)
@@ -683,6 +749,8 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         out = cfg.output_dir
         self._check_finite("export")
+        if self.shard_options is not None:
+            return self._save_final_sharded()
         if self.is_main:
             require_free_space(out, self._export_bytes(), "the final weights")
             den = self.policy
@@ -704,6 +772,24 @@ class Trainer:
                                   "family": self.family, "base_model": cfg.model,
                                   "config": cfg.to_dict(), "step": self.global_step})
         acc.wait_for_everyone()
+        return out
+
+    def _save_final_sharded(self) -> str:
+        """``save_final`` of a sharded run: the trained weights gathered whole onto the main
+        process's CPU (a collective), written there as a checkpoint's export is."""
+        from .export import export_writer
+        from .sharding import full_state
+
+        cfg, out = self.config, self.config.output_dir
+        tensors = full_state(self.policy)
+        if self.is_main:
+            require_free_space(out, self._export_bytes(), "the final weights")
+            kind = "pipeline" if cfg.lora_rank is None else "lora"
+            outdir.publish_export(out, export_writer(cfg, self.family, cfg.model, kind, tensors,
+                                                     "the run's final weights"))
+            model_card_hook(out, {"kind": kind, "family": self.family, "base_model": cfg.model,
+                                  "config": cfg.to_dict(), "step": self.global_step})
+        self.accelerator.wait_for_everyone()
         return out
 
     def __repr__(self) -> str:
