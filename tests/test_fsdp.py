@@ -24,6 +24,7 @@ import torch
 
 from _tolerance import assert_adam_runs_agree, forward_rel
 from _train_helpers import config, tiny_data, tiny_model
+from test_train_families import _write_pair_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("sd15", "flux")  # a UNet family and a flow-matching transformer family
@@ -33,6 +34,10 @@ FAMILIES = ("sd15", "flux")  # a UNet family and a flow-matching transformer fam
 RUN = dict(max_steps=2, learning_rate=1e-4, beta=100.0, checkpoint_every=1, save_final=True,
            log_every=1)
 DENOISER_DIR = {"sd15": "unet", "flux": "transformer"}
+# family-kind-reference: TF-CPP with a live reference or the reference cache, both
+# families; DD-CPP (winning / losing adapters on the frozen network) on sd15
+CASES = [f"{fam}-{kind}-{ref}" for fam in FAMILIES for kind in ("lora", "full")
+         for ref in ("live", "cache")] + ["sd15-lora-ddcpp", "sd15-full-ddcpp"]
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -93,20 +98,20 @@ def runs(tmp_path_factory):
         caches[fam] = str(tmp / f"cache-{fam}")
         precompute(_case(fam, False, None, tmp / "pre"), caches[fam], 1, batch_size=3,
                    pairs_per_shard=3, progress=False)
-    cases, names = [], []
-    for fam in FAMILIES:
-        for lora in (True, False):
-            for cached in (False, True):
-                name = f"{fam}-{'lora' if lora else 'full'}-{'cache' if cached else 'live'}"
-                names.append(name)
-                cache = caches[fam] if cached else None
-                # 2 processes x 1 pair = the 1-process run's 2 pairs per step; the sharded
-                # full fine-tunes also recompute their blocks (checkpointing inside units)
-                cases.append(_case(fam, lora, cache, tmp / "two" / name, batch_size=1,
-                                   gradient_checkpointing=not lora))
-                one = Trainer(_case(fam, lora, cache, tmp / "one" / name, batch_size=2))
-                one.train()
-                del one
+    pair_lora = tmp / "pair"
+    _write_pair_lora("sd15", pair_lora)
+    cases = []
+    for name in CASES:
+        fam, kind, ref = name.split("-")
+        lora, cache = kind == "lora", caches[fam] if ref == "cache" else None
+        kw = dict(pair="lora", pair_lora=str(pair_lora)) if ref == "ddcpp" else {}
+        # 2 processes x 1 pair = the 1-process run's 2 pairs per step; the sharded
+        # full fine-tunes also recompute their blocks (checkpointing inside units)
+        cases.append(_case(fam, lora, cache, tmp / "two" / name, batch_size=1,
+                           gradient_checkpointing=not lora, **kw))
+        one = Trainer(_case(fam, lora, cache, tmp / "one" / name, batch_size=2, **kw))
+        one.train()
+        del one
     # a checkpoint round trip mid-run: new processes' worth of state (a new Trainer,
     # freshly sharded) continue from checkpoint 1 of a sharded run
     resumed = {}
@@ -130,14 +135,12 @@ def runs(tmp_path_factory):
            "--main_process_port", str(_free_port()), str(script), str(spec)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return {"tmp": tmp, "names": names, "resumed": resumed}
+    return {"tmp": tmp, "resumed": resumed}
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
-@pytest.mark.parametrize("kind", ["lora", "full"])
-@pytest.mark.parametrize("ref", ["live", "cache"])
-def test_two_processes_equal_one(runs, fam, kind, ref):
-    name = f"{fam}-{kind}-{ref}"
+@pytest.mark.parametrize("name", CASES)
+def test_two_processes_equal_one(runs, name):
+    fam, kind, ref = name.split("-")
     two, one = runs["tmp"] / "two" / name, runs["tmp"] / "one" / name
     # The two runs compute the same steps on the same pairs and draws (draws are a function
     # of pair id and seed), batched and reduced differently: fp32 rounding only. A forward
@@ -165,11 +168,11 @@ def test_two_processes_equal_one(runs, fam, kind, ref):
         total = held[0][1]
         assert held[0][0] + held[1][0] == total, (what, held)
         assert max(h for h, _ in held) < 0.6 * total, (what, held)
-    full_live = kind == "full" and ref == "live"
-    # a full fine-tune's live reference: a second sharded module that never trains;
-    # LoRA's reference is the policy with adapters off; a cached run has none
-    assert (ranks[0]["reference"] is not None) == full_live
-    assert ranks[0]["reference_sharded"] == (ref == "live")
+    # a full fine-tune's live reference (with DD-CPP's pair adapters on it): a second
+    # sharded module that never trains; LoRA's reference is the policy with adapters
+    # off; a cached run has none
+    assert (ranks[0]["reference"] is not None) == (kind == "full" and ref != "cache")
+    assert ranks[0]["reference_sharded"] == (ref != "cache")
     assert not any(r["reference_trains"] for r in ranks)
 
 
