@@ -39,6 +39,9 @@ DENOISER_DIR = {"sd15": "unet", "flux": "transformer"}
 CASES = [f"{fam}-{kind}-{ref}" for fam in FAMILIES for kind in ("lora", "full")
          for ref in ("live", "cache")] + ["sd15-lora-ddcpp", "sd15-full-ddcpp"]
 
+# one launch of two processes and 13 tiny runs: about a minute on 2 cores
+SLOW = pytest.mark.slow
+
 SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -100,7 +103,7 @@ def runs(tmp_path_factory):
                    pairs_per_shard=3, progress=False)
     pair_lora = tmp / "pair"
     _write_pair_lora("sd15", pair_lora)
-    cases = []
+    cases, baselines = [], []
     for name in CASES:
         fam, kind, ref = name.split("-")
         lora, cache = kind == "lora", caches[fam] if ref == "cache" else None
@@ -109,9 +112,7 @@ def runs(tmp_path_factory):
         # full fine-tunes also recompute their blocks (checkpointing inside units)
         cases.append(_case(fam, lora, cache, tmp / "two" / name, batch_size=1,
                            gradient_checkpointing=not lora, **kw))
-        one = Trainer(_case(fam, lora, cache, tmp / "one" / name, batch_size=2, **kw))
-        one.train()
-        del one
+        baselines.append(_case(fam, lora, cache, tmp / "one" / name, batch_size=2, **kw))
     # a checkpoint round trip mid-run: new processes' worth of state (a new Trainer,
     # freshly sharded) continue from checkpoint 1 of a sharded run
     resumed = {}
@@ -133,11 +134,23 @@ def runs(tmp_path_factory):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate_fsdp2.yaml"), "--num_processes", "2",
            "--main_process_port", str(_free_port()), str(script), str(spec)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    # the one-process runs go on here while the two processes start and train
+    log = tmp / "launch.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
+        try:
+            for cfg in baselines:
+                Trainer(cfg).train()
+            rc = proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert rc == 0, log.read_text()[-6000:]
     return {"tmp": tmp, "resumed": resumed}
 
 
+@SLOW
 @pytest.mark.parametrize("name", CASES)
 def test_two_processes_equal_one(runs, name):
     fam, kind, ref = name.split("-")
@@ -176,6 +189,7 @@ def test_two_processes_equal_one(runs, name):
     assert not any(r["reference_trains"] for r in ranks)
 
 
+@SLOW
 @pytest.mark.parametrize("name", ["sd15-full-live", "flux-lora-live"])
 def test_checkpoint_round_trip_continues_exactly(runs, name):
     """Resumed from the sharded checkpoint of step 1 by a fresh Trainer (its own shards
@@ -193,6 +207,7 @@ def test_checkpoint_round_trip_continues_exactly(runs, name):
                            [RUN["learning_rate"]], first_step=2)
 
 
+@SLOW
 def test_exports_load(runs):
     from diffusers import DiffusionPipeline
 
@@ -214,6 +229,7 @@ def test_exports_load(runs):
         assert any(not torch.equal(after[k], before[k]) for k in before)
 
 
+@SLOW
 def test_export_of_a_sharded_checkpoint_equals_the_final_weights_path(runs, tmp_path):
     """``ddspo-fast export`` puts a sharded checkpoint's shards back together."""
     from ddspo_fast.train.export import export
@@ -229,6 +245,7 @@ def test_export_of_a_sharded_checkpoint_equals_the_final_weights_path(runs, tmp_
                                [RUN["learning_rate"]])
 
 
+@SLOW
 def test_bf16_sharded_lora_trains(runs):
     run = runs["tmp"] / "two" / "sd15-lora-bf16"
     losses = _losses(run)
@@ -240,6 +257,7 @@ def test_bf16_sharded_lora_trains(runs):
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
 
 
+@SLOW
 def test_another_world_size_is_refused(runs):
     from ddspo_fast.train import checkpoint as ckpt
 
