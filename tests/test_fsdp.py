@@ -305,3 +305,28 @@ def test_launch_options(monkeypatch):
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     with pytest.raises(ValueError, match="fsdp_offload_params"):
         launch_options(Acc())
+
+
+def test_launch_options_from_accelerates_fsdp2_plugin(monkeypatch):
+    """On a GPU accelerate turns the config into its plugin: read from there the same."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from ddspo_fast.train.sharding import ShardOptions, launch_options
+
+    for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD",
+              "FSDP_OFFLOAD_PARAMS"):
+        monkeypatch.delenv(k, raising=False)
+
+    class Acc:
+        distributed_type = DistributedType.FSDP
+
+        def __init__(self, plugin):
+            self.state = type("State", (), {"fsdp_plugin": plugin})()
+
+    assert launch_options(Acc(FullyShardedDataParallelPlugin(fsdp_version=2))) == ShardOptions()
+    assert launch_options(Acc(FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=False))) == ShardOptions(reshard_after_forward=False)
+    with pytest.raises(ValueError, match="fsdp_offload_params"):
+        launch_options(Acc(FullyShardedDataParallelPlugin(fsdp_version=2, cpu_offload=True)))
+    with pytest.raises(ValueError, match="fsdp_version: 1"):
+        launch_options(Acc(FullyShardedDataParallelPlugin(fsdp_version=1)))

@@ -98,8 +98,11 @@ def launch_options(accelerator) -> Optional[ShardOptions]:
         raise ValueError(f"fsdp_version: {version} in the accelerate config; this trainer shards "
                          "with FSDP2 only: set fsdp_version: 2 (configs/accelerate_fsdp2.yaml)")
     if plugin is not None:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
         reshard = plugin.reshard_after_forward
-        offload = bool(plugin.cpu_offload)
+        # the plugin holds OffloadPolicy() (no offload) or CPUOffloadPolicy (FSDP2)
+        offload = isinstance(plugin.cpu_offload, CPUOffloadPolicy)
     else:
         reshard = _env_true("FSDP_RESHARD_AFTER_FORWARD", "true")
         offload = _env_true("FSDP_OFFLOAD_PARAMS")
