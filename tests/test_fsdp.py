@@ -43,13 +43,21 @@ CASES = [f"{fam}-{kind}-{ref}" for fam in FAMILIES for kind in ("lora", "full")
 SLOW = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     import torch
     from ddspo_fast.train import Trainer, TrainConfig
     from ddspo_fast.train.sharding import held_numel, is_sharded
 
     for case in json.loads(Path(sys.argv[1]).read_text()):
+        if "precompute" in case:
+            from ddspo_fast.train.precompute import precompute
+
+            done = precompute(TrainConfig.from_dict(case["precompute"]), case["out"], 1,
+                              batch_size=3, pairs_per_shard=3, progress=False)
+            # the main process completes the cache's metadata
+            assert done["sharded"] and (done["complete"] or os.environ["RANK"] != "0"), done
+            continue
         tr = Trainer(TrainConfig.from_dict(case))
         ref = tr.reference
         rec = {"world": tr.accelerator.num_processes,
@@ -125,8 +133,11 @@ def runs(tmp_path_factory):
     # bf16 gathers / fp32 reduce (MixedPrecisionPolicy), LoRA on a bf16 base
     cases.append(_case("sd15", True, None, tmp / "two" / "sd15-lora-bf16", batch_size=1,
                        mixed_precision="bf16"))
+    # the reference cache computed by the sharded frozen denoiser
+    pre = [{"precompute": _case(fam, False, None, tmp / "pre").to_dict(),
+            "out": str(tmp / f"cache-two-{fam}")} for fam in FAMILIES]
     spec = tmp / "cases.json"
-    spec.write_text(json.dumps([c.to_dict() for c in cases]))
+    spec.write_text(json.dumps(pre + [c.to_dict() for c in cases]))
     script = tmp / "run_cases.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -147,7 +158,7 @@ def runs(tmp_path_factory):
                 proc.kill()
                 proc.wait()
     assert rc == 0, log.read_text()[-6000:]
-    return {"tmp": tmp, "resumed": resumed}
+    return {"tmp": tmp, "resumed": resumed, "caches": caches}
 
 
 @SLOW
@@ -243,6 +254,30 @@ def test_export_of_a_sharded_checkpoint_equals_the_final_weights_path(runs, tmp_
         assert_adam_runs_agree(_final(Path(got["out"]), "sd15", lora),
                                _final(Path(want["out"]), "sd15", lora),
                                [RUN["learning_rate"]])
+
+
+@SLOW
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_sharded_precompute_equals_one_process(runs, fam):
+    """``precompute`` under the FSDP2 launch (the frozen denoiser sharded, the shards of
+    the cache split over the processes) writes the cache one process writes: the same
+    files, values within the rounding of another computation of the forward (as above)."""
+    from safetensors.torch import load_file
+
+    from ddspo_fast.train import refcache as rc
+
+    one, two = Path(runs["caches"][fam]), runs["tmp"] / f"cache-two-{fam}"
+    files = sorted(p.relative_to(one) for p in one.rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(two) for p in two.rglob("*.safetensors"))
+    assert rc.read_meta(two)["fingerprint"] == rc.read_meta(one)["fingerprint"]
+    for f in files:
+        got, want = load_file(str(two / f)), load_file(str(one / f))
+        assert got.keys() == want.keys()
+        for k in want:
+            # rounding of the forward relative to the outputs' scale (elements near 0 have
+            # no relative accuracy; the sharded UNet also runs without channels_last)
+            scale = float(want[k].abs().max())
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4 * scale)
 
 
 @SLOW

@@ -81,7 +81,8 @@ def _env_true(name: str, default: str = "false") -> bool:
 
 
 def launch_options(accelerator) -> Optional[ShardOptions]:
-    """The sharding an ``accelerate launch`` asked for, or None (DDP / one process).
+    """The sharding an ``accelerate launch`` asked for, or None (DDP / one process);
+    ``accelerator`` is an ``Accelerator`` or a ``PartialState``.
 
     On a GPU accelerate turns an FSDP config into ``distributed_type == FSDP`` with its
     plugin; on a CPU it keeps MULTI_CPU but the launcher still exports the config as
@@ -89,7 +90,8 @@ def launch_options(accelerator) -> Optional[ShardOptions]:
     refused (this library shards with FSDP2 only)."""
     from accelerate.utils import DistributedType
 
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    # an Accelerator, or accelerate's PartialState (the precompute), which has no plugin
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     fsdp = accelerator.distributed_type == DistributedType.FSDP or _env_true("ACCELERATE_USE_FSDP")
     if not fsdp:
         return None
