@@ -358,3 +358,66 @@ def test_official_layout_without_embeddings_encodes_the_prompt(tmp_path):
     s = tr.train()
     assert s["steps"] == 1 and s["loss"] > 0
     assert len(encoded) == 1 and all(p.startswith("two green apples") for p in encoded[0])
+
+
+# ---------------------------------------------------------------- one training run
+# train-pair is a TrainingRun like train: the same resume checks, intact-checkpoint
+# fall-back, precision resolution, error types and distributed refusal.
+@pytest.mark.parametrize("change", [{"seed": 1}, {"batch_size": 2, "grad_accum": 1}])
+def test_resume_with_another_run_defining_setting_is_refused(tmp_path, change):
+    from ddspo_fast.train.errors import ResumeMismatchError
+
+    kw = dict(grad_accum=2, batch_size=1, max_steps=1, checkpoint_every=1)
+    PairTrainer(pair_config(tmp_path, **kw)).train()
+    field = next(iter(change))
+    with pytest.raises(ResumeMismatchError, match=f"^{field}: the checkpoint"):
+        PairTrainer(pair_config(tmp_path, resume="latest", **{**kw, **change, "max_steps": 2}))
+
+
+def test_resume_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    kw = dict(max_steps=2, checkpoint_every=1, batch_size=1)
+    PairTrainer(pair_config(tmp_path, **kw)).train()
+    damaged = ckpt.final_path(tmp_path, 2) / ckpt.TRAINABLE_FILE
+    damaged.write_bytes(damaged.read_bytes()[:-8])  # truncated
+    tr = PairTrainer(pair_config(tmp_path, resume="latest", **{**kw, "max_steps": 3}))
+    try:
+        assert tr.global_step == 1
+        assert tr.last_checkpoint == str(ckpt.final_path(tmp_path, 1))
+    finally:
+        tr.close()
+
+
+def test_mixed_precision_auto_resolves_like_train(tmp_path):
+    tr = PairTrainer(pair_config(tmp_path, mixed_precision="auto", max_steps=1, batch_size=1))
+    assert tr.mixed_precision == "no" and tr.weight_dtype == torch.float32  # on the CPU
+    assert tr.train()["steps"] == 1
+
+
+def test_errors_are_training_errors_and_nothing_private_is_shared():
+    import pathlib
+    import re
+
+    from ddspo_fast.train.errors import TrainingError
+
+    assert issubclass(NonFiniteLossError, TrainingError)
+    train = pathlib.Path(ckpt.__file__).parent
+    for f in train.glob("*.py"):
+        text = f.read_text()
+        assert not re.search(r"from \.trainer import _|from \.trainer import \([^)]*\b_", text), f
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+@pytest.mark.parametrize("trainer", ["train", "train-pair"])
+def test_sharded_launches_are_refused_by_both_trainers(tmp_path, monkeypatch, kind, trainer):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from _train_helpers import config
+
+    monkeypatch.setattr(Accelerator, "distributed_type",
+                        property(lambda self: getattr(DistributedType, kind)))
+    cfg = config("sd15", tmp_path) if trainer == "train" else pair_config(tmp_path)
+    cls = Trainer if trainer == "train" else PairTrainer
+    with pytest.raises(ValueError, match="^distributed_type: .* not supported"):
+        cls(cfg)
+    assert not (tmp_path / ".lock").exists()

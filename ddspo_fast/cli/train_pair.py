@@ -1,6 +1,6 @@
 """``ddspo-fast train-pair``: train DD-CPP's winning and losing LoRA adapters.
 
-Every ``PairTrainConfig`` field is a flag (both spellings, as ``train``); ``--config
+Every ``AdapterTrainConfig`` field is a flag (both spellings, as ``train``); ``--config
 FILE.yaml`` sets fields from a file and flags override it. The output directory is what
 ``ddspo-fast train --pair lora --pair-lora DIR`` reads.
 """
@@ -19,15 +19,15 @@ DESCRIPTION = ("Train the winning adapter on the preferred and the losing adapte
                "dispreferred latents of a pair dataset (plain denoising loss, both on the "
                "prompt, as the official train_lora_target.py), two adapters on one base. "
                "Writes OUTPUT_DIR/pos_lora_unet/ and neg_lora_unet/; pass OUTPUT_DIR to "
-               "'train --pair lora --pair-lora'. Every PairTrainConfig field is a flag; "
+               "'train --pair lora --pair-lora'. Every AdapterTrainConfig field is a flag; "
                "--config FILE.yaml sets fields from a file and flags override it; "
                "--resume latest continues a killed run exactly.")
 
 
 def _config_cls():
-    from ..train.pair_policies import PairTrainConfig
+    from ..train.config import AdapterTrainConfig
 
-    return PairTrainConfig
+    return AdapterTrainConfig
 
 
 def add_arguments(p) -> None:
@@ -46,15 +46,16 @@ def run(args) -> int:
         allow_bitsandbytes()
     quiet_libraries(debug=args.debug, progress=cfg.progress)
     from ..fsio import DiskFullError, LockedError
-    from ..train.pair_policies import NonFiniteLossError, train_pair
+    from ..train.adapter_trainer import train_adapters
+    from ..train.errors import NonFiniteError
 
     try:
         with torch_threads(args.threads):
-            summary = train_pair(cfg)
+            summary = train_adapters(cfg)
     except ValueError as e:  # name the flag the message is about
         raise _blame(one_line(e), _config_cls(), given_values(args, _config_cls()),
                      getattr(args, "config", None)) from e
-    except (NonFiniteLossError, LockedError, DiskFullError) as e:
+    except (NonFiniteError, LockedError, DiskFullError) as e:
         raise CLIError(one_line(e)) from e
     print("trained pair: " + ", ".join(f"{k}={short(v)}" for k, v in summary.items()
                                        if v is not None), flush=True)

@@ -57,14 +57,14 @@ TRUST_CHECKPOINT_HELP = (
     "such files are refused, naming the file.")
 
 
-def resume_differences(saved: Mapping[str, Any], new: "TrainConfig") -> list[tuple[str, Any, Any]]:
+def resume_differences(saved: Mapping[str, Any], new: "RunConfig") -> list[tuple[str, Any, Any]]:
     """``(field, saved value, new value)`` for every compared field that differs between a
     checkpoint's config (a dict, as stored) and ``new``; fields the checkpoint predates
     count as their defaults. Local paths are compared by what they point to."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(type(new))}
     out = []
     for name, value in dataclasses.asdict(new).items():
-        if name in RESUME_IGNORED:
+        if name in type(new).RESUME_IGNORED:
             continue
         old = saved.get(name, defaults[name])
         same = old == value
@@ -106,7 +106,7 @@ def missing_local_model(model: str) -> Optional[str]:
 
 def config_field(default, help: str, **kw):
     """A dataclass field whose help (and argparse extras such as ``choices``) the command
-    line reads through HfArgumentParser (TrainConfig, PairTrainConfig)."""
+    line reads through HfArgumentParser (TrainConfig, AdapterTrainConfig)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -115,14 +115,169 @@ _f = config_field
 
 def weight_dtype(mixed_precision: str):
     """The dtype of frozen weights and of autocast for a resolved ``mixed_precision``
-    ('bf16' | 'fp16' | 'no'); torch is imported here, not with the config."""
-    import torch
+    ('bf16' | 'fp16' | 'no'); see ``precision.Precision`` (torch is imported there, not
+    with the config)."""
+    from .precision import weight_dtype as resolved
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[mixed_precision]
+    return resolved(mixed_precision)
+
+
+def _is_int(v) -> bool:  # and fits torch's 64-bit ints
+    return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class RunConfig:
+    """What every training run's config shares (``TrainConfig``, ``AdapterTrainConfig``):
+    reading it from a dict or YAML, writing it, its help for the command line, the
+    checks of the settings both have, and which settings define a run on resume."""
+
+    RUN_DEFINING: tuple = ()   # resuming with another value is refused, naming the field
+    RESUME_IGNORED: tuple = RESUME_IGNORED  # where and how this invocation runs
+
+    def resolved_mixed_precision(self, device_type: str) -> str:
+        """The autocast setting a run on ``device_type`` uses (``precision.py`` resolves
+        ``auto``: bf16 on a GPU, ``no`` elsewhere)."""
+        from .precision import resolve_mixed_precision
+
+        return resolve_mixed_precision(self.mixed_precision, device_type)
+
+    def _bad(self, name: str, expected: str) -> ValueError:
+        return ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+    def _check_run_settings(self) -> None:
+        """The settings of the loop, the optimizer and the bookkeeping, as both configs
+        have them."""
+        bad = self._bad
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            if not _is_num(v) or not 0 <= v < 1:
+                raise bad(name, "a number in [0, 1)")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise bad(name, "an int >= 1")
+        for name in ("lr_warmup_steps", "checkpoint_every", "num_workers", "seed"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise bad(name, "an int >= 0")
+        if self.seed >= 2 ** 32:  # numpy's seed (accelerate's set_seed) takes 32 bits
+            raise bad("seed", "an int in [0, 4294967295]")
+        if self.checkpoints_keep is not None and (not _is_int(self.checkpoints_keep)
+                                                  or self.checkpoints_keep < 1):
+            raise bad("checkpoints_keep", "None or an int >= 1")
+        if self.max_grad_norm is not None and (not _is_num(self.max_grad_norm)
+                                               or self.max_grad_norm <= 0):
+            raise bad("max_grad_norm", "None or a finite positive number")
+
+    def _check_lora_targets(self) -> None:
+        """lora_targets as a list of names (a comma-separated string is split)."""
+        if self.lora_targets is not None:
+            if isinstance(self.lora_targets, str):
+                self.lora_targets = [s.strip() for s in self.lora_targets.split(",") if s.strip()]
+            if (not isinstance(self.lora_targets, (list, tuple)) or not self.lora_targets
+                    or not all(isinstance(s, str) and s for s in self.lora_targets)):
+                raise self._bad("lora_targets", "None or a non-empty list of module names")
+            self.lora_targets = list(self.lora_targets)
+
+    def _check_inputs_ready(self) -> None:
+        """model and data given, data a directory."""
+        if not self.model:
+            raise ValueError("model: required (a local diffusers pipeline directory or hub id)")
+        if not self.data:
+            raise ValueError("data: required (a pair dataset directory)")
+        if not os.path.isdir(self.data):
+            raise ValueError(f"data: {self.data} is not a directory")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        """A config from ``{field: value}``; keys may be snake_case or kebab-case. Each
+        value is read as its field's type by ``as_field_type`` (or refused naming the
+        field and the type)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"config: expected a mapping of field names to values, got "
+                             f"{type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        values: dict = {}
+        for key, value in d.items():
+            name = str(key).replace("-", "_")
+            if name not in fields:
+                near = difflib.get_close_matches(name, fields, n=1)
+                hint = f"did you mean {near[0]!r}?" if near else "known: " + ", ".join(fields)
+                raise ValueError(f"{key}: unknown config field ({hint})")
+            if name in values:
+                raise ValueError(f"{name}: given twice (as {name!r} and {name.replace('_', '-')!r})")
+            values[name] = as_field_type(name, value, hints[name],
+                                         fields[name].metadata.get("choices", ()))
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path, overrides: Optional[Mapping[str, Any]] = None) -> "RunConfig":
+        """A config from a YAML mapping of fields (as ``from_dict``), with ``overrides``
+        (e.g. command-line flags) taking precedence over the file. A file that is not
+        YAML or not a mapping raises ValueError starting with ``f"{path}:"``."""
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            d = yaml.load(text, Loader=_config_loader())  # noqa: S506 - a SafeLoader subclass
+        except _DuplicateKey as e:
+            raise ValueError(f"{path}: line {e.line}: {e.key}: given twice (each setting "
+                             "once)") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ValueError(f"{path}: not valid YAML ({where}{' '.join(str(problem).split())})") from None
+        if d is None:
+            d = {}
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{path}: expected a mapping of field names to values, got "
+                             f"{type(d).__name__}")
+        if overrides:
+            overridden = {str(k).replace("-", "_") for k in overrides}
+            d = {k: v for k, v in d.items() if str(k).replace("-", "_") not in overridden}
+            d.update(overrides)
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path) -> None:
+        import yaml
+
+        from ..fsio import atomic_write_text
+
+        d = self.to_dict()
+        # a permission of one invocation, never carried into a file that a later run (or
+        # someone else) reads back as its config
+        d.pop("trust_checkpoint", None)
+        atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def fields_help(cls) -> dict[str, dict]:
+        """{name: {"default", "help", "type", "choices"}} for every field, in declaration
+        order (``choices`` is None for a field without a fixed set of values)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            out[f.name] = {"default": f.default, "help": f.metadata.get("help", ""),
+                           "type": f.type, "choices": f.metadata.get("choices")}
+        return out
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
+    RUN_DEFINING = RUN_DEFINING
+
     # ---------------------------------------------------------------- what to train on
     model: Optional[str] = _f(None, "Local diffusers pipeline directory or hub id (required).")
     data: Optional[str] = _f(None, "Pair dataset directory: the ddspo_fast packed format "
@@ -286,15 +441,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        def is_int(v) -> bool:  # and fits torch's 64-bit ints
-            return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
-
-        def is_num(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
+        bad, is_int, is_num = self._bad, _is_int, _is_num
         for name in ("model", "data"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (str, os.PathLike)) or str(v) == ""):
@@ -344,26 +491,11 @@ class TrainConfig:
         if self.guidance_scale is not None and (not is_num(self.guidance_scale)
                                                 or self.guidance_scale < 0):
             raise bad("guidance_scale", "None or a finite number >= 0")
-        for name in ("adam_beta1", "adam_beta2"):
-            v = getattr(self, name)
-            if not is_num(v) or not 0 <= v < 1:
-                raise bad(name, "a number in [0, 1)")
-        for name in ("batch_size", "grad_accum", "max_steps", "timesteps_per_pair", "log_every"):
+        self._check_run_settings()
+        for name in ("max_steps", "timesteps_per_pair"):
             v = getattr(self, name)
             if not is_int(v) or v < 1:
                 raise bad(name, "an int >= 1")
-        for name in ("lr_warmup_steps", "checkpoint_every", "num_workers", "seed"):
-            v = getattr(self, name)
-            if not is_int(v) or v < 0:
-                raise bad(name, "an int >= 0")
-        if self.seed >= 2 ** 32:  # numpy's seed (accelerate's set_seed) takes 32 bits
-            raise bad("seed", "an int in [0, 4294967295]")
-        if self.checkpoints_keep is not None and (not is_int(self.checkpoints_keep)
-                                                  or self.checkpoints_keep < 1):
-            raise bad("checkpoints_keep", "None or an int >= 1")
-        if self.max_grad_norm is not None and (not is_num(self.max_grad_norm)
-                                               or self.max_grad_norm <= 0):
-            raise bad("max_grad_norm", "None or a finite positive number")
         if self.lora_rank is not None and (not is_int(self.lora_rank) or self.lora_rank < 1):
             raise bad("lora_rank", "None (full fine-tune) or an int >= 1")
         if self.lora_alpha is not None and (not is_num(self.lora_alpha) or self.lora_alpha <= 0):
@@ -373,13 +505,7 @@ class TrainConfig:
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: applies to a LoRA only; set lora_rank too "
                                      "(without it the whole denoiser is fine-tuned)")
-        if self.lora_targets is not None:
-            if isinstance(self.lora_targets, str):
-                self.lora_targets = [s.strip() for s in self.lora_targets.split(",") if s.strip()]
-            if (not isinstance(self.lora_targets, (list, tuple)) or not self.lora_targets
-                    or not all(isinstance(s, str) and s for s in self.lora_targets)):
-                raise bad("lora_targets", "None or a non-empty list of module names")
-            self.lora_targets = list(self.lora_targets)
+        self._check_lora_targets()
         if self.resume is not None and (not isinstance(self.resume, (str, os.PathLike))
                                         or str(self.resume) == ""):
             raise bad("resume", "None, 'latest' or a checkpoint directory")
@@ -411,21 +537,9 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
 
-    def resolved_mixed_precision(self, device_type: str) -> str:
-        """The autocast setting a run on ``device_type`` uses: ``auto`` is bf16 on a GPU
-        and ``no`` elsewhere (bf16 autocast is slower than fp32 on CPUs)."""
-        if self.mixed_precision != "auto":
-            return self.mixed_precision
-        return "bf16" if device_type == "cuda" else "no"
-
     def check_ready(self) -> None:
         """Checks that only matter when training starts (required paths present)."""
-        if not self.model:
-            raise ValueError("model: required (a local diffusers pipeline directory or hub id)")
-        if not self.data:
-            raise ValueError("data: required (a pair dataset directory)")
-        if not os.path.isdir(self.data):
-            raise ValueError(f"data: {self.data} is not a directory")
+        self._check_inputs_ready()
         if self.pair_lora and self.pair == "lora" and self.objective == "ddspo" \
                 and not os.path.isdir(self.pair_lora):
             raise ValueError(f"pair_lora: {self.pair_lora} is not a directory")
@@ -439,87 +553,6 @@ class TrainConfig:
         problem = missing_local_model(self.model)
         if problem:
             raise ValueError(f"model: {problem}")
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        """A config from ``{field: value}``; keys may be snake_case or kebab-case. Each
-        value is read as its field's type by ``as_field_type`` (or refused naming the
-        field and the type)."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"config: expected a mapping of field names to values, got "
-                             f"{type(d).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        values: dict = {}
-        for key, value in d.items():
-            name = str(key).replace("-", "_")
-            if name not in fields:
-                near = difflib.get_close_matches(name, fields, n=1)
-                hint = f"did you mean {near[0]!r}?" if near else "known: " + ", ".join(fields)
-                raise ValueError(f"{key}: unknown config field ({hint})")
-            if name in values:
-                raise ValueError(f"{name}: given twice (as {name!r} and {name.replace('_', '-')!r})")
-            values[name] = as_field_type(name, value, hints[name],
-                                         fields[name].metadata.get("choices", ()))
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path, overrides: Optional[Mapping[str, Any]] = None) -> "TrainConfig":
-        """A config from a YAML mapping of fields (as ``from_dict``), with ``overrides``
-        (e.g. command-line flags) taking precedence over the file. A file that is not
-        YAML or not a mapping raises ValueError starting with ``f"{path}:"``."""
-        import yaml
-
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            d = yaml.load(text, Loader=_config_loader())  # noqa: S506 - a SafeLoader subclass
-        except _DuplicateKey as e:
-            raise ValueError(f"{path}: line {e.line}: {e.key}: given twice (each setting "
-                             "once)") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e)
-            raise ValueError(f"{path}: not valid YAML ({where}{' '.join(str(problem).split())})") from None
-        if d is None:
-            d = {}
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{path}: expected a mapping of field names to values, got "
-                             f"{type(d).__name__}")
-        if overrides:
-            overridden = {str(k).replace("-", "_") for k in overrides}
-            d = {k: v for k, v in d.items() if str(k).replace("-", "_") not in overridden}
-            d.update(overrides)
-        return cls.from_dict(d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path) -> None:
-        import yaml
-
-        from ..fsio import atomic_write_text
-
-        d = self.to_dict()
-        # a permission of one invocation, never carried into a file that a later run (or
-        # someone else) reads back as its config
-        d.pop("trust_checkpoint", None)
-        atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def fields_help(cls) -> dict[str, dict]:
-        """{name: {"default", "help", "type", "choices"}} for every field, in declaration
-        order (``choices`` is None for a field without a fixed set of values)."""
-        out = {}
-        for f in dataclasses.fields(cls):
-            out[f.name] = {"default": f.default, "help": f.metadata.get("help", ""),
-                           "type": f.type, "choices": f.metadata.get("choices")}
-        return out
 
 
 # ---------------------------------------------------------------------- reading values
@@ -634,3 +667,132 @@ def as_config(cls, config):
         return cls.from_yaml(config)
     raise ValueError(f"config: expected a {cls.__name__}, a dict or a YAML path, got "
                      f"{type(config).__name__}")
+
+
+# ---------------------------------------------------------------------- train-pair
+# What defines a train-pair run: resuming with another value is refused (the command
+# promises an exact resume). max_steps / num_epochs, the learning rate and its schedule,
+# logging and checkpointing may change and are applied.
+ADAPTER_RUN_DEFINING = ("model", "data", "family", "lora_rank", "lora_alpha", "lora_targets",
+                        "lora_dropout", "timestep_sampling", "logit_mean", "logit_std",
+                        "batch_size", "grad_accum", "seed", "optimizer")
+
+
+@dataclass
+class AdapterTrainConfig(RunConfig):
+    """``train-pair``: the winning and losing LoRA adapters DD-CPP takes its targets
+    from (``adapter_trainer.AdapterTrainer``)."""
+    RUN_DEFINING = ADAPTER_RUN_DEFINING
+
+    # ---------------------------------------------------------------- what to train on
+    model: Optional[str] = _f(None, "Local diffusers pipeline directory or hub id (required).")
+    data: Optional[str] = _f(None, "Pair dataset directory (`prepare` / `encode` output or the "
+                                   "official DDSPO layout); latent_w trains the winning "
+                                   "adapter, latent_l the losing one (required).")
+    output_dir: str = _f("ddspo-pair", "Where pos_lora_unet/ and neg_lora_unet/ (pass this "
+                                       "directory as train's pair_lora), checkpoints and "
+                                       "metrics go.")
+    family: Optional[str] = _f(None, f"Model family ({' | '.join(FAMILIES)}); detected from "
+                                     "the model when unset.",
+                               choices=FAMILIES)
+    # ---------------------------------------------------------------- the adapters
+    lora_rank: int = _f(4, "LoRA rank of both adapters (official: 4).")
+    lora_alpha: float = _f(4.0, "LoRA alpha of both adapters (official: 4).")
+    lora_targets: Optional[list] = _f(None, "LoRA target modules (default: the family's "
+                                            "attention projections; SD: to_q to_k to_v "
+                                            "to_out.0 as the official script).")
+    lora_dropout: float = _f(0.0, "LoRA dropout (official: 0).")
+    timestep_sampling: Optional[str] = _f(None, "How t is drawn (None = the family's official "
+                                                "default): uniform | linear | sigmoid (SD), "
+                                                "uniform | logit_normal | mode | cosmap (flow).",
+                                          choices=TIMESTEP_SCHEMES)
+    logit_mean: float = _f(0.0, "logit_normal timesteps: mean.")
+    logit_std: float = _f(1.0, "logit_normal timesteps: std.")
+    # ---------------------------------------------------------------- optimisation
+    learning_rate: float = _f(1e-4, "Learning rate (official --lora_lr: 1e-4).")
+    lr_scheduler: str = _f("constant_with_warmup", "LR schedule: " + " | ".join(LR_SCHEDULERS),
+                           choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(0, "Linear warm-up steps (optimizer steps).")
+    batch_size: int = _f(1, "Preference pairs per device per micro-batch.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    max_steps: Optional[int] = _f(None, "Optimizer steps; None = num_epochs epochs (as the "
+                                        "official script).")
+    num_epochs: int = _f(100, "Epochs when max_steps is None (official: 100).")
+    max_grad_norm: Optional[float] = _f(1.0, "Gradient clipping over both adapters together "
+                                             "(None = none).")
+    optimizer: str = _f("adamw", "adamw | adamw8bit (bitsandbytes) | adafactor.",
+                        choices=OPTIMIZERS)
+    weight_decay: float = _f(1e-2, "AdamW weight decay (torch's default, as the official).")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.")
+    # ---------------------------------------------------------------- speed and memory
+    mixed_precision: str = _f("bf16", "auto | bf16 | fp16 (CUDA) | no: autocast dtype; the "
+                                      "frozen base is stored in it, the adapters stay fp32. "
+                                      "auto = bf16 on a GPU, no (fp32) on the CPU.",
+                              choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward.")
+    channels_last: bool = _f(True, "UNets only: channels_last memory format.")
+    allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    # ---------------------------------------------------------------- bookkeeping
+    checkpoint_every: int = _f(500, "Atomic checkpoint every N optimizer steps (0 = never).")
+    checkpoints_keep: Optional[int] = _f(None, "Keep only the newest N checkpoints.")
+    resume: Optional[str] = _f(None, "None | 'latest' (newest intact checkpoint in output_dir, "
+                                     "fresh start if none) | a checkpoint directory. Settings "
+                                     "that define the run (model, data, adapters, seed, batch "
+                                     "geometry, ...) must match the checkpoint's; others "
+                                     "(max_steps, learning rate, logging, ...) may change.")
+    trust_checkpoint: bool = _f(False, TRUST_CHECKPOINT_HELP)
+    overwrite: bool = _f(False, "Start afresh in an output_dir that already holds adapters "
+                                "or checkpoints (they are replaced); without it such a "
+                                "directory is refused unless resuming.")
+    allow_encoder_mismatch: bool = _f(False, "Train on a dataset whose recorded text encoders "
+                                             "(or VAE) differ from model's, with a warning; "
+                                             "without it such a dataset is refused.")
+    seed: int = _f(0, "Seed for data order, timesteps, noise and LoRA init.")
+    device: Optional[str] = _f(None, "Device (default: accelerate's choice).")
+    log_every: int = _f(10, "Log metrics and check the loss is finite every N steps.")
+    tensorboard: bool = _f(True, "Also log to TensorBoard under output_dir/logs when installed.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+    def __post_init__(self) -> None:
+        bad, is_int, is_num = self._bad, _is_int, _is_num
+        for name in ("model", "data", "output_dir", "resume"):
+            v = getattr(self, name)
+            if v is None and name != "output_dir":
+                continue
+            if not isinstance(v, (str, os.PathLike)) or str(v) == "":
+                raise bad(name, "a path")
+            setattr(self, name, str(v))
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            v = getattr(self, f.name)
+            if allowed and v not in allowed and not (v is None and f.default is None):
+                raise bad(f.name, "one of " + ", ".join(repr(a) for a in allowed))
+        for name in ("lora_rank", "num_epochs"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "an int >= 1")
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
+            raise bad("max_steps", "None or an int >= 1")
+        self._check_run_settings()
+        for name in ("lora_alpha", "learning_rate", "logit_std"):
+            if not is_num(getattr(self, name)) or getattr(self, name) <= 0:
+                raise bad(name, "a finite positive number")
+        for name in ("weight_decay", "adam_epsilon"):
+            if not is_num(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "a finite number >= 0")
+        if not is_num(self.logit_mean):
+            raise bad("logit_mean", "a finite number")
+        if not is_num(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "a number in [0, 1)")
+        self._check_lora_targets()
+        if self.device is not None and not isinstance(self.device, str):
+            raise bad("device", "None or a device string such as 'cuda:0' or 'cpu'")
+        for f in dataclasses.fields(self):
+            if f.type in (bool, "bool") and not isinstance(getattr(self, f.name), bool):
+                raise bad(f.name, "True or False")
+
+    def check_ready(self) -> None:
+        """Checks that only matter when training starts (required paths present)."""
+        self._check_inputs_ready()

@@ -88,6 +88,33 @@ class MetricsAccumulator:
         return out
 
 
+class LossSums:
+    """Per-pair means of a few named scalars over a log window (the adapter trainer's
+    loss and per-half MSEs), on the device until ``collect``."""
+
+    def __init__(self, device, names):
+        self.device, self.names = torch.device(device), tuple(names)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        self.pairs = 0  # host-side count of dataset pairs, no sync needed
+
+    @torch.no_grad()
+    def add(self, values, n_pairs: int) -> None:
+        self.sums += torch.stack([v.detach() for v in values]).double() * n_pairs
+        self.pairs += n_pairs
+
+    def collect(self, accelerator) -> dict:
+        packed = torch.cat([self.sums, torch.tensor([float(self.pairs)], dtype=torch.float64,
+                                                    device=self.device)])
+        if accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+        s = packed.tolist()  # the one host sync per log
+        pairs = s[-1]
+        return {k: (v / pairs if pairs else None) for k, v in zip(self.names, s)}
+
+
 def peak_memory(device) -> dict:
     device = torch.device(device)
     if device.type == "cuda":

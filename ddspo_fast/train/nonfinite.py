@@ -17,15 +17,20 @@ import torch
 
 
 def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Total 2-norm of the gradients (a device tensor; no sync)."""
+    """Total 2-norm of the gradients over the whole data-parallel group (a device
+    tensor; no host sync). Replicated gradients (DDP, after its all-reduce) give it
+    locally; sharded ones (DTensor) are reduced over their mesh (``full_tensor``)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is not None:
-        return get_total_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
-                                                 for g in grads]))
+        norm = get_total_norm(grads)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                     for g in grads]))
+    full = getattr(norm, "full_tensor", None)  # a DTensor: partial sums per shard
+    return full() if full is not None else norm
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:

@@ -72,8 +72,7 @@ class _Frozen:
         den = a.denoiser.requires_grad_(False).eval()
         if cfg.attention == "xformers":
             den.enable_xformers_memory_efficient_attention()
-        # FSDP2 shards contiguous weights only: a sharded UNet keeps its weights' layout
-        a.prepare_denoiser(den, channels_last=cfg.channels_last and not sharded)
+        a.prepare_denoiser(den, channels_last=cfg.channels_last)
         self.den, self.switch = den, None
         if mode == "dd_cpp":
             win, lose = find_pair_dirs(cfg.pair_lora)

@@ -51,14 +51,16 @@ import torch
 from ..fsio import atomic_write_json, sha256_file
 from .errors import UntrustedCheckpointError
 from .draws import DRAWS_VERSION, draw_indices, draws_needed
+from .precision import CACHE_DTYPES, Precision
 from .pairs import needs_text_encoder, pair_mode
 
 FORMAT_NAME = "ddspo_fast.refcache"
 FORMAT_VERSION = 2  # 2: every shard has its checksum file
 META_FILE = "cache.json"
 CHECKSUM_SUFFIX = ".sha256"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_DTYPE = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}  # by mixed_precision
+DTYPES = CACHE_DTYPES  # a cache's dtype names (precision.py)
+# a cache's default dtype, by resolved mixed_precision: the run's autocast dtype
+DEFAULT_DTYPE = {mp: Precision.resolve(mp, "cpu").cache for mp in ("bf16", "fp16", "no")}
 
 # Fingerprint fields compared with a run, in the order their mismatch is reported, with
 # the setting a user changes to cause it.
@@ -203,6 +205,9 @@ def fingerprint(cfg, family: str, dataset, known_files: Optional[dict] = None
     from .lora import find_pair_dirs
 
     fam = get_family(family)
+    if cfg.mixed_precision not in DEFAULT_DTYPE:  # the fingerprint holds what ran
+        raise ValueError(f"mixed_precision: a reference cache fingerprints a resolved "
+                         f"precision ('bf16', 'fp16' or 'no'), got {cfg.mixed_precision!r}")
     mode = pair_mode(cfg.objective, cfg.pair)
     mixing = bool(cfg.rand_cond_prompts)
     root = _model_root(cfg.model)
@@ -252,9 +257,9 @@ def fingerprint(cfg, family: str, dataset, known_files: Optional[dict] = None
 def _text_dtype(fam, cfg, encodes: bool) -> Optional[str]:
     """The text encoders' dtype where it is not the run's own (SANA's bf16 Gemma-2), else
     None (so caches fingerprinted before this field existed still match)."""
-    run = DTYPES.get(DEFAULT_DTYPE.get(cfg.mixed_precision, ""))
-    if not encodes or run is None:
+    if not encodes:
         return None
+    run = Precision.resolve(cfg.mixed_precision, "cpu").frozen
     dtype = fam.text_dtype_for(run, cfg.text_encoder_dtype)
     return None if dtype == run else str(dtype).replace("torch.", "")
 

@@ -156,6 +156,10 @@ def shard(module: torch.nn.Module, family: str, mesh, *, mixed_precision: str = 
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if mixed_precision == "bf16" else MixedPrecisionPolicy())
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=options.reshard_after_forward)
+    # FSDP2 shards contiguous tensors only (a UNet's channels_last weights are not)
+    for p in module.parameters():
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
     for m in reversed(units):  # innermost first, should a family nest blocks
         fully_shard(m, **kw)
     fully_shard(module, **kw)
@@ -182,21 +186,11 @@ def held_numel(module: torch.nn.Module) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------- gradients
-def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients of a sharded run, over every process's shards (a
-    collective; a device tensor, no host sync)."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
-
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """Clip the gradients of a sharded run to the global norm ``max_norm``; returns the
     norm before clipping (like ``torch.nn.utils.clip_grad_norm_``)."""
+    from .nonfinite import grad_norm  # reduced over the shards' mesh
+
     params = list(params)
     norm = grad_norm(params)
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
