@@ -365,3 +365,18 @@ def test_launch_options_from_accelerates_fsdp2_plugin(monkeypatch):
         launch_options(Acc(FullyShardedDataParallelPlugin(fsdp_version=2, cpu_offload=True)))
     with pytest.raises(ValueError, match="fsdp_version: 1"):
         launch_options(Acc(FullyShardedDataParallelPlugin(fsdp_version=1)))
+
+
+def test_train_pair_refuses_a_sharded_launch(monkeypatch, tmp_path):
+    """train-pair's adapters are not sharded: its trainer refuses the launch, naming it."""
+    from ddspo_fast.train.errors import UnsupportedDistributedError
+    from ddspo_fast.train.pair_policies import PairTrainConfig, PairTrainer
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    cfg = PairTrainConfig(model=tiny_model("sd15"), data=tiny_data("sd15"),
+                          output_dir=str(tmp_path / "run"), mixed_precision="no", device="cpu",
+                          progress=False, tensorboard=False)
+    with pytest.raises(UnsupportedDistributedError, match="FSDP is not supported by"):
+        PairTrainer(cfg)
+    assert not (tmp_path / "run").exists()
