@@ -69,6 +69,14 @@ SCRIPT = textwrap.dedent("""
                "trainable_fp32": all(p.dtype == torch.float32 for p in tr.trainable),
                "banner": tr.banner()}
         tr.train()
+        # clipping takes the norm over every process's shards: all-ones gradients have
+        # the global norm sqrt(elements), and after clipping to 1 the norm is 1
+        from ddspo_fast.train.sharding import clip_grad_norm_
+        for p in tr.trainable:
+            p.grad = torch.ones_like(p)
+        rec["norms"] = [float(clip_grad_norm_(tr.trainable, 1.0)),
+                        float(clip_grad_norm_(tr.trainable, 1e9)),
+                        sum(p.numel() for p in tr.trainable)]
         Path(case["output_dir"], f"rank{tr.accelerator.process_index}.json").write_text(
             json.dumps(rec))
 """)
@@ -183,6 +191,9 @@ def test_two_processes_equal_one(runs, name):
     assert all(r["world"] == 2 and r["policy_sharded"] for r in ranks)
     assert "sharded (FSDP2)" in ranks[0]["banner"]
     assert all(r["trainable_fp32"] for r in ranks)
+    for r in ranks:  # the global norm, on every process
+        before, after, n = r["norms"]
+        assert before == pytest.approx(n ** 0.5, rel=1e-5) and after == pytest.approx(1.0, rel=1e-5)
     # Each process holds a shard: the two together hold every element once, neither
     # anything near a whole copy (dim-0 chunks: at most half plus one row per tensor).
     for what in ("policy", "reference"):

@@ -118,13 +118,13 @@ class TrainingRun:
         # the processes; None for DDP and one-process runs
         from . import sharding
 
+        if sharding.is_fsdp_launch(acc) and not self.shardable:
+            raise UnsupportedDistributedError(
+                f"distributed_type: FSDP is not supported by {type(self).__name__} (a "
+                "sharded launch trains with ddspo-fast train); launch it with DDP "
+                "(accelerate launch --multi_gpu)")
         self.shard_options = sharding.launch_options(acc)
         if self.shard_options is not None:
-            if not self.shardable:
-                raise UnsupportedDistributedError(
-                    f"distributed_type: FSDP is not supported by {type(self).__name__} (a "
-                    "sharded launch trains with ddspo-fast train); launch it with DDP "
-                    "(accelerate launch --multi_gpu)")
             sharding.check_config(cfg, self.precision.mixed_precision)
         self.device = acc.device
         if cfg.device is not None and self.device.type != cfg.device.partition(":")[0]:

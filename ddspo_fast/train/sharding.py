@@ -80,6 +80,14 @@ def _env_true(name: str, default: str = "false") -> bool:
     return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
 
 
+def is_fsdp_launch(accelerator) -> bool:
+    """Whether the run was launched with accelerate's FSDP config (any version)."""
+    from accelerate.utils import DistributedType
+
+    return (accelerator.distributed_type == DistributedType.FSDP
+            or _env_true("ACCELERATE_USE_FSDP"))
+
+
 def launch_options(accelerator) -> Optional[ShardOptions]:
     """The sharding an ``accelerate launch`` asked for, or None (DDP / one process);
     ``accelerator`` is an ``Accelerator`` or a ``PartialState``.
@@ -88,12 +96,9 @@ def launch_options(accelerator) -> Optional[ShardOptions]:
     plugin; on a CPU it keeps MULTI_CPU but the launcher still exports the config as
     ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` variables, read here the same way. FSDP1 is
     refused (this library shards with FSDP2 only)."""
-    from accelerate.utils import DistributedType
-
     # an Accelerator, or accelerate's PartialState (the precompute), which has no plugin
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
-    fsdp = accelerator.distributed_type == DistributedType.FSDP or _env_true("ACCELERATE_USE_FSDP")
-    if not fsdp:
+    if not is_fsdp_launch(accelerator):
         return None
     version = int(getattr(plugin, "fsdp_version", None) or os.environ.get("FSDP_VERSION", "1"))
     if version != 2:
