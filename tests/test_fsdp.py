@@ -320,7 +320,8 @@ def test_every_family_names_blocks_diffusers_has():
     from ddspo_fast.train.sharding import block_classes
 
     where = [importlib.import_module(f"diffusers.models.{m}") for m in (
-        "attention", "resnet", "transformers.transformer_sd3", "transformers.sana_transformer",
+        "attention", "resnet", "unets.unet_2d_blocks", "transformers.transformer_sd3",
+        "transformers.sana_transformer",
         "transformers.transformer_flux", "transformers.transformer_qwenimage",
         "transformers.transformer_flux2")]
     for fam in family_names():

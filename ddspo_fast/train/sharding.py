@@ -38,9 +38,10 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-# Denoiser block classes per family: the units of sharding. This table is the one place
-# they are named until the family registry (models/) carries them; ``block_classes``
-# prefers the registry's entry once a family declares one.
+# Denoiser block classes per family: the units of sharding (each ResNet / transformer
+# block, the granularity diffusers checkpoints at). This table is the one place they are
+# named until the family registry (models/) carries them: a family class declaring
+# ``wrap_blocks`` (with ``wrap_units``) takes precedence, and this table then goes.
 BLOCKS: dict[str, tuple[str, ...]] = {
     "sd15": ("ResnetBlock2D", "BasicTransformerBlock"),
     "sdxl": ("ResnetBlock2D", "BasicTransformerBlock"),
@@ -59,7 +60,7 @@ def block_classes(family: str) -> tuple[str, ...]:
     """Class names of ``family``'s denoiser blocks (each one unit of sharding)."""
     from ..models import get_family
 
-    declared = getattr(get_family(family), "shard_blocks", None)
+    declared = getattr(get_family(family), "wrap_blocks", None)
     if declared:
         return tuple(declared)
     if family not in BLOCKS:
@@ -153,8 +154,14 @@ def shard(module: torch.nn.Module, family: str, mesh, *, mixed_precision: str = 
     loaded on the CPU never exists whole on the accelerator). Returns ``module``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from ..models import get_family
+
     names = set(block_classes(family))
-    units = [m for m in module.modules() if m is not module and type(m).__name__ in names]
+    cls = get_family(family)
+    if getattr(cls, "wrap_blocks", None) and hasattr(cls, "wrap_units"):
+        units = [m for m in cls.wrap_units(module) if m is not module]
+    else:
+        units = [m for m in module.modules() if m is not module and type(m).__name__ in names]
     if not units:
         raise ValueError(f"family: no block of {sorted(names)} in the "
                          f"{type(module).__name__}; cannot shard it by blocks")
