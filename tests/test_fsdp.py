@@ -35,9 +35,11 @@ RUN = dict(max_steps=2, learning_rate=1e-4, beta=100.0, checkpoint_every=1, save
            log_every=1)
 DENOISER_DIR = {"sd15": "unet", "flux": "transformer"}
 # family-kind-reference: TF-CPP with a live reference or the reference cache, both
-# families; DD-CPP (winning / losing adapters on the frozen network) on sd15
+# families; DD-CPP (winning / losing adapters on the frozen network) on sd15; and two
+# micro-batches per step (gradients reduce-scattered each time, summed in the shards)
 CASES = [f"{fam}-{kind}-{ref}" for fam in FAMILIES for kind in ("lora", "full")
-         for ref in ("live", "cache")] + ["sd15-lora-ddcpp", "sd15-full-ddcpp"]
+         for ref in ("live", "cache")] + ["sd15-lora-ddcpp", "sd15-full-ddcpp",
+                                          "sd15-full-accum"]
 
 # one launch of two processes and 13 tiny runs: about a minute on 2 cores
 SLOW = pytest.mark.slow
@@ -123,7 +125,8 @@ def runs(tmp_path_factory):
     for name in CASES:
         fam, kind, ref = name.split("-")
         lora, cache = kind == "lora", caches[fam] if ref == "cache" else None
-        kw = dict(pair="lora", pair_lora=str(pair_lora)) if ref == "ddcpp" else {}
+        kw = (dict(pair="lora", pair_lora=str(pair_lora)) if ref == "ddcpp" else
+              dict(grad_accum=2) if ref == "accum" else {})
         # 2 processes x 1 pair = the 1-process run's 2 pairs per step; the sharded
         # full fine-tunes also recompute their blocks (checkpointing inside units)
         cases.append(_case(fam, lora, cache, tmp / "two" / name, batch_size=1,
