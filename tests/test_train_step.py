@@ -46,6 +46,8 @@ def test_a_real_size_sdxl_tf_cpp_step_builds_and_runs_without_weights(tmp_path, 
         ref = nets.reference_module
         assert ref is not nets.policy and not ref.training
         assert not any(p.requires_grad for p in ref.parameters())
+        with nets.reference() as called:  # the one way a frozen network is called
+            assert called is ref and not torch.is_grad_enabled()
         assert len(step.trainable) == len(list(nets.policy.parameters()))
     else:  # the policy's own module, adapters off
         assert nets.reference_module is nets.policy

@@ -114,7 +114,8 @@ class Trainer(TrainingRun):
         if tuple(have) != want:
             raise ValueError(f"data: {self.config.data} holds latents of shape {list(have)} "
                              f"but the model {self.config.model} takes {list(want)} "
-                             "(channels, height, width); prepare the pairs with this model "
+                             f"(one {self.adapter.name} latent as datasets store it); "
+                             "prepare the pairs with this model "
                              "(ddspo-fast prepare --model ...)")
 
     def _load_pair_adapters(self, module) -> None:
