@@ -395,3 +395,16 @@ def test_train_pair_refuses_a_sharded_launch(monkeypatch, tmp_path):
     with pytest.raises(UnsupportedDistributedError, match="FSDP is not supported by"):
         PairTrainer(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field,value,precision", [("optimizer", "adamw8bit", "no"),
+                                                   ("optimizer", "adafactor", "no"),
+                                                   ("compile", True, "no"),
+                                                   ("mixed_precision", "fp16", "fp16")])
+def test_settings_a_sharded_run_cannot_take_are_refused(tmp_path, field, value, precision):
+    from ddspo_fast.train.sharding import check_config
+
+    cfg = config("sd15", tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        check_config(cfg, precision)
+    check_config(config("sd15", tmp_path), "bf16")  # adamw, bf16: taken
