@@ -16,9 +16,9 @@ class SDXLAdapter(FamilyAdapter):
     default_cfg = 5.0
     cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    # FSDP units: the UNet's down, mid and up blocks.
-    wrap_blocks = ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
-                   "CrossAttnUpBlock2D", "UpBlock2D")
+    # sharding units: each ResNet and transformer block (the granularity diffusers
+    # checkpoints at); the down / up blocks would make ~1 B-parameter units in SDXL
+    wrap_blocks = ("ResnetBlock2D", "BasicTransformerBlock")
     denoiser_memory_format = torch.channels_last  # convolutions run faster so (on GPUs)
 
     def _encode(self, prompts: list[str]) -> Cond:

@@ -26,13 +26,18 @@ def _frozen_linears(den) -> list:
             if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
 
 
-def _largest_unit(den, granule) -> int:
-    """Bytes of the largest unit a sharded run gathers whole at a time: the model's own
-    ``_no_split_modules`` classes (what accelerate's FSDP wraps as units), each less
-    the units nested in it (wrapped apart); blocks of its ModuleLists where it names
-    none."""
-    names = set(getattr(den, "_no_split_modules", None) or ())
-    units = [m for m in den.modules() if type(m).__name__ in names]
+def _largest_unit(den, granule, family=None) -> int:
+    """Bytes of the largest unit a sharded run gathers whole at a time: the family's
+    ``wrap_units`` (what train/sharding.py wraps one by one), each less the units nested
+    in it; without a family, the model's ``_no_split_modules`` classes, or the blocks of
+    its ModuleLists where it names none."""
+    if family is not None:
+        from ..models import get_family
+
+        units = get_family(family).wrap_units(den)
+    else:
+        names = set(getattr(den, "_no_split_modules", None) or ())
+        units = [m for m in den.modules() if type(m).__name__ in names]
     if not units:
         units = [u for ml in den.modules() if isinstance(ml, torch.nn.ModuleList) for u in ml]
     unit_ids = {id(u) for u in units}
@@ -46,7 +51,7 @@ def _largest_unit(den, granule) -> int:
     return best
 
 
-def summary(den, ref, tracker: MemoryTracker) -> dict:
+def summary(den, ref, tracker: MemoryTracker, family=None) -> dict:
     g = tracker.granule
     trainable = [p for p in den.parameters() if p.requires_grad]
     return {
@@ -60,7 +65,7 @@ def summary(den, ref, tracker: MemoryTracker) -> dict:
         "reference_bytes": (_bytes(ref, lambda p: True, g)
                             if ref is not None and ref is not den else 0),
         "frozen_linear_shapes": _frozen_linears(den),
-        "largest_unit_bytes": _largest_unit(den, g),
+        "largest_unit_bytes": _largest_unit(den, g, family),
         "params": sum(p.numel() for p in den.parameters()),
     }
 
@@ -99,7 +104,7 @@ def measure(setup: StepSetup) -> dict:
     tracker.watch_grads([p for p in den.parameters() if p.requires_grad])
     with fm, tracker:
         run_step(den, ref, setup, make_input, tracker=tracker)
-    return summary(den, ref, tracker)
+    return summary(den, ref, tracker, setup.family)
 
 
 def main() -> int:

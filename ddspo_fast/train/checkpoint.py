@@ -343,3 +343,155 @@ def load(path, process_index: int, *, verified: bool = False,
                                                       "a state dict"))
     return Loaded(state=state, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
                   rng=rng)
+
+
+# ---------------------------------------------------------------------- sharded (FSDP2)
+# A sharded run's checkpoint holds, instead of trainable/optimizer.safetensors, one pair of
+# files per process: ``trainable-rank<i>.safetensors`` (its shards of the trained
+# parameters, their whole shapes and placements as JSON in the header) and
+# ``optimizer-rank<i>.safetensors`` (its shards of the optimizer state, parameters named),
+# and ``sharding.json`` (how many processes wrote it). Same atomic publish and manifest.
+SHARDING_FILE = "sharding.json"
+SHARD_LAYOUT_KEY = "ddspo_fast.shard_layout"
+
+
+def trainable_shard_file(rank: int) -> str:
+    return f"trainable-rank{rank}.safetensors"
+
+
+def optimizer_shard_file(rank: int) -> str:
+    return f"optimizer-rank{rank}.safetensors"
+
+
+def is_sharded(path) -> bool:
+    """Whether checkpoint ``path`` was written by a sharded (FSDP2) run."""
+    return (Path(path) / SHARDING_FILE).is_file()
+
+
+def sharded_world_size(path) -> int:
+    """How many processes wrote sharded checkpoint ``path``."""
+    f = Path(path) / SHARDING_FILE
+    try:
+        n = json.loads(f.read_text(encoding="utf-8"))["world_size"]
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"world_size {n!r} is not a positive int")
+        return n
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise _unreadable(f, e) from e
+
+
+def save_sharded(output_dir, step: int, accelerator, *, shards: Callable[[], tuple],
+                 optimizer: Callable[[], dict], scheduler, state: dict, rng: dict,
+                 keep: int | None = None) -> Path:
+    """``save`` for a sharded run; collective. Every process writes its own shards:
+    ``shards()`` gives ``(tensors, layout)`` (``sharding.local_trainable``) and
+    ``optimizer()`` its optimizer state (``sharding.local_optimizer``); the main process
+    writes the rest, the manifest over every file, and publishes the directory."""
+    is_main, rank = accelerator.is_main_process, accelerator.process_index
+    tmp, dst = tmp_path(output_dir, step), final_path(output_dir, step)
+    failed = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+    try:
+        if is_main:
+            begin(output_dir, step)
+        accelerator.wait_for_everyone()
+        try:
+            tensors, layout = shards()
+            opt = optimizer()
+            for f, write in ((rng_file(rank), lambda p: write_state(p, rng)),
+                             (trainable_shard_file(rank), lambda p: save_tensors(
+                                 p, tensors, {SHARD_LAYOUT_KEY: json.dumps(layout)})),
+                             (optimizer_shard_file(rank), lambda p: write_state(p, opt))):
+                with explain_disk_full(tmp / f):
+                    write(tmp / f)
+        except Exception:
+            failed += 1
+            raise
+        finally:
+            # every process learns whether one failed before the main one publishes
+            failed = accelerator.reduce(failed, reduction="sum")
+        if float(failed) > 0:
+            raise RuntimeError(f"another process failed to write its shards into {tmp}; "
+                               "the checkpoint was not published (see that process's error)")
+        if is_main:
+            atomic_write_json(tmp / SHARDING_FILE, {"format": 1, "strategy": "fsdp2",
+                                                    "world_size": accelerator.num_processes})
+            with explain_disk_full(tmp / SCHEDULER_FILE):
+                write_state(tmp / SCHEDULER_FILE, scheduler.state_dict())
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state, default=str, allow_nan=False))
+            write_manifest(tmp)
+            with explain_disk_full(dst):
+                commit(output_dir, step)
+            prune(output_dir, keep)
+    except DiskFullError:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    return dst
+
+
+@dataclass
+class LoadedShards:
+    state: dict                # trainer_state.json
+    trainable: dict            # this process's shards: name -> tensor (CPU)
+    optimizer: dict            # this process's optimizer state (sharding.local_optimizer)
+    scheduler: dict
+    rng: Optional[dict]
+
+
+def load_sharded(path, process_index: int, num_processes: int, *, verified: bool = False,
+                 state: dict | None = None) -> LoadedShards:
+    """Verify (unless ``verified``) and read this process's part of sharded checkpoint
+    ``path``. Another number of processes than wrote it is refused, naming both."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not verified:
+        verify(path)
+    world = sharded_world_size(path)
+    if world != num_processes:
+        raise ValueError(f"resume: {path} was written sharded over {world} processes, this run "
+                         f"has {num_processes}; resume it with {world} processes (or export it "
+                         "with ddspo-fast export and start a new run from the export)")
+
+    def read(name: str, how):
+        try:
+            return how(path / name)
+        except Exception as e:  # any parse error of any format: name the file
+            raise _unreadable(path / name, e) from e
+
+    if state is None:
+        state = read_state(path)
+    trainable = read(trainable_shard_file(process_index), lambda f: load_file(str(f)))
+    optimizer = read(optimizer_shard_file(process_index), read_state_file)
+    scheduler = read(SCHEDULER_FILE, read_state_file)
+    rf = rng_file(process_index)
+    rng = read(rf, read_state_file) if (path / rf).is_file() else None
+    for name, got, kind in ((optimizer_shard_file(process_index), optimizer, dict),
+                            (SCHEDULER_FILE, scheduler, dict), (rf, rng, (dict, type(None)))):
+        if not isinstance(got, kind):
+            raise _unreadable(path / name, ValueError(f"holds a {type(got).__name__}, not "
+                                                      "a state dict"))
+    return LoadedShards(state=state, trainable=trainable, optimizer=optimizer,
+                        scheduler=scheduler, rng=rng)
+
+
+def read_shard_layouts(path) -> list[tuple[dict, dict]]:
+    """Every process's ``(tensors, layout)`` of sharded checkpoint ``path``, in rank order
+    (``sharding.full_tensors`` puts them together)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    out = []
+    for rank in range(sharded_world_size(path)):
+        f = path / trainable_shard_file(rank)
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                layout = json.loads((fh.metadata() or {})[SHARD_LAYOUT_KEY])
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            if not isinstance(layout, dict) or set(layout) != set(tensors):
+                raise ValueError("its layout does not name its tensors")
+        except Exception as e:  # noqa: BLE001 - any parse error: name the file
+            raise _unreadable(f, e) from e
+        out.append((tensors, layout))
+    return out

@@ -123,8 +123,14 @@ def read_source(source) -> Source:
 
 
 def _trainable(path: Path) -> dict:
+    """The trained tensors of checkpoint ``path``, whole: a sharded run's shards are put
+    back together from every process's file."""
     from safetensors.torch import load_file
 
+    if ckpt.is_sharded(path):
+        from .sharding import full_tensors
+
+        return full_tensors(ckpt.read_shard_layouts(path))
     return load_file(str(path / ckpt.TRAINABLE_FILE))
 
 
@@ -145,7 +151,7 @@ def export(source, out, *, overwrite: bool = False, model: Optional[str] = None)
     intact checkpoint) into ``out``: the LoRA file, the full pipeline, or DD-CPP's two
     adapter folders. ``model`` overrides the base model the checkpoint names (moved since).
     Returns ``{"out", "kind", "family", "base_model", "checkpoint", "step"}``."""
-    from ..models import detect_family, load_adapter
+    from ..models import detect_family
     from .config import missing_local_model
     from .outdir import publish_export
 
@@ -158,31 +164,8 @@ def export(source, out, *, overwrite: bool = False, model: Optional[str] = None)
     out = Path(out)
     _check_out(out, [Path(source), src.checkpoint, Path(base)], overwrite)
     family = cfg.family or detect_family(base)
-    adapter = load_adapter(base, family, components=("denoiser",), device="cpu",
-                           dtype=torch.float32)
-    den = adapter.denoiser
-    tensors = _trainable(src.checkpoint)
     kind = src.kind
-    if kind == "pair":
-        from .pair_policies import add_pair_adapters, write_pair_adapters
-
-        targets = list(cfg.lora_targets or adapter.lora_targets)
-        add_pair_adapters(den, cfg.lora_rank, cfg.lora_alpha, targets, cfg.lora_dropout, cfg.seed)
-        _load_into(den, tensors, src.checkpoint)
-        write = lambda tmp: write_pair_adapters(tmp, den, pipeline_class(family),  # noqa: E731
-                                                adapter.denoiser_name)
-    elif kind == "lora":
-        from .lora import POLICY, add_policy_lora, policy_lora_state
-
-        add_policy_lora(den, cfg.lora_rank, cfg.lora_alpha,
-                        cfg.lora_targets or adapter.lora_targets, cfg.seed)
-        _load_into(den, tensors, src.checkpoint)
-        state = policy_lora_state(den)
-        write = lambda tmp: write_lora(tmp, pipeline_class(family),  # noqa: E731
-                                       adapter.denoiser_name, state, den.peft_config[POLICY])
-    else:
-        _load_into(den, tensors, src.checkpoint)
-        write = lambda tmp: adapter.save_pipeline(den, str(tmp))  # noqa: E731
+    write = export_writer(cfg, family, base, kind, _trainable(src.checkpoint), src.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     publish_export(out, write)
     step = int(src.state.get("global_step", 0))
@@ -190,6 +173,40 @@ def export(source, out, *, overwrite: bool = False, model: Optional[str] = None)
             "checkpoint": str(src.checkpoint), "step": step}
     model_card_hook(out, {**info, "config": cfg.to_dict()})
     return info
+
+
+def export_writer(cfg, family: str, base: str, kind: str, tensors: Mapping[str, torch.Tensor],
+                  where) -> Callable[[Path], None]:
+    """A function writing into a directory what a finished run of ``cfg`` writes, from its
+    trained tensors ``tensors`` (whole, by parameter name) over the base model ``base``
+    loaded on the CPU: a checkpoint's export, and a sharded run's final weights once
+    gathered. ``where`` names the tensors' source in errors."""
+    from ..models import load_adapter
+
+    adapter = load_adapter(base, family, components=("denoiser",), device="cpu",
+                           dtype=torch.float32)
+    den = adapter.denoiser
+    if kind == "pair":
+        from .pair_policies import add_pair_adapters, write_pair_adapters
+
+        targets = list(cfg.lora_targets or adapter.lora_targets)
+        add_pair_adapters(den, cfg.lora_rank, cfg.lora_alpha, targets, cfg.lora_dropout, cfg.seed)
+        _load_into(den, tensors, where)
+        write = lambda tmp: write_pair_adapters(tmp, den, pipeline_class(family),  # noqa: E731
+                                                adapter.denoiser_name)
+    elif kind == "lora":
+        from .lora import POLICY, add_policy_lora, policy_lora_state
+
+        add_policy_lora(den, cfg.lora_rank, cfg.lora_alpha,
+                        cfg.lora_targets or adapter.lora_targets, cfg.seed)
+        _load_into(den, tensors, where)
+        state = policy_lora_state(den)
+        write = lambda tmp: write_lora(tmp, pipeline_class(family),  # noqa: E731
+                                       adapter.denoiser_name, state, den.peft_config[POLICY])
+    else:
+        _load_into(den, tensors, where)
+        write = lambda tmp: adapter.save_pipeline(den, str(tmp))  # noqa: E731
+    return write
 
 
 def _inside(a: Path, b: Path) -> bool:

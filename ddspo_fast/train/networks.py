@@ -7,8 +7,9 @@ file other than the pair adapters' weights DD-CPP asks for (``pair_adapters``): 
 meta-device or fake-tensor denoiser too, which is how the planner and
 ``step.build_step`` use them.
 
-* ``Networks.wrap`` is the one place the policy is wrapped for data parallelism (DDP via
-  accelerate today); the reference is never wrapped.
+* ``Networks.wrap`` is the one place the policy is wrapped for data parallelism: DDP via
+  accelerate (the reference is never wrapped), or, under an FSDP2 launch, sharded
+  (``sharding.py``) together with a full fine-tune's frozen copy.
 * ``Networks.reference(adapters)`` is the one way a frozen network is called: LoRA
   training switches the adapters off (or to the pair adapter asked for) on the policy's
   own module; a full fine-tune calls its frozen copy (eval mode, no grad, its own pair
@@ -62,10 +63,22 @@ class Networks:
         self.trainable_names = [n for n, _ in named]
 
     # ------------------------------------------------------------------ wrapping
-    def wrap(self, accelerator) -> torch.nn.Module:
-        """The policy as the step calls it, wrapped for data parallelism (accelerate's
-        DDP; the frozen networks are never wrapped)."""
-        self.wrapped = accelerator.prepare_model(self.policy)
+    def wrap(self, accelerator, shard: Optional[Callable[[torch.nn.Module], None]] = None
+             ) -> torch.nn.Module:
+        """The policy as the step calls it, wrapped for data parallelism: accelerate's
+        DDP (the frozen networks are never wrapped), or with ``shard`` (an FSDP2 launch:
+        ``sharding.shard`` bound to the family) the policy and the frozen copy sharded in
+        place, each on its own (the copy gets no gradients and no optimizer state)."""
+        if shard is None:
+            self.wrapped = accelerator.prepare_model(self.policy)
+            return self.wrapped
+        for module in (self.policy, self.frozen):
+            if module is not None:
+                shard(module)
+        # the sharded module is its own wrapper: gradients are reduce-scattered in its
+        # backward; the trainable parameters are now its shards
+        self.collect_trainable()
+        self.wrapped = self.policy
         return self.wrapped
 
     @property

@@ -39,18 +39,25 @@ def _is_oom(e: BaseException) -> bool:
 class _Frozen:
     """The frozen networks of one precompute: reference (and DD-CPP's phi_w / phi_l)."""
 
-    def __init__(self, cfg, family: str, mode: str, need_text: bool, device):
+    def __init__(self, cfg, family: str, mode: str, need_text: bool, device, shard_options=None):
         from ..models import get_family, load_adapter
         from .lora import LOSE, WIN, AdapterSwitch, find_pair_dirs, load_named_adapter
         from .quantize import quantize_base
 
         self.dtype = weight_dtype(cfg.mixed_precision)
         comps = ("denoiser", "text") if need_text else ("denoiser",)
-        # Stored in the autocast dtype, as the trainer stores its frozen copies.
-        self.adapter = a = load_adapter(cfg.model, family, components=comps, device=device,
-                                        dtype=self.dtype,
+        sharded = shard_options is not None
+        # Stored in the autocast dtype, as the trainer stores its frozen copies. A sharded
+        # denoiser is loaded on the CPU and reaches the device shard by shard.
+        self.adapter = a = load_adapter(cfg.model, family, components=comps,
+                                        device="cpu" if sharded else device, dtype=self.dtype,
                                         text_dtype=get_family(family).text_dtype_for(
                                             self.dtype, cfg.text_encoder_dtype))
+        if sharded and torch.device(device).type != "cpu":
+            for name, comp in a.pipe.components.items():
+                if isinstance(comp, torch.nn.Module) and name != a.denoiser_name:
+                    comp.to(device)
+            a.device = torch.device(device)
         a.set_train_guidance(cfg.guidance_scale)
         den = a.denoiser.requires_grad_(False).eval()
         if cfg.attention == "xformers":
@@ -69,6 +76,11 @@ class _Frozen:
             self.switch = AdapterSwitch(den)
             self.switch.set(None)
         self.win, self.lose = WIN, LOSE
+        if sharded:
+            from .sharding import device_mesh, shard
+
+            shard(den, family, device_mesh(torch.device(device)),
+                  mixed_precision=cfg.mixed_precision, options=shard_options)
 
     def reference(self, x, t, c):
         return self.adapter.predict(self.den, x, t, c)
@@ -155,6 +167,7 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
     if dtype is not None and dtype not in rc.DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(rc.DTYPES)}, got {dtype!r}")
     manual = process_index is not None or num_processes is not None
+    shard_options = None
     if manual:
         rank, world = int(process_index or 0), int(num_processes or 1)
         if not 0 <= rank < world:
@@ -164,10 +177,15 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
     else:
         from accelerate import PartialState
 
+        from .sharding import launch_options
+
         state = PartialState(cpu=cfg.device == "cpu")
         rank, world = state.process_index, state.num_processes
         device = torch.device(cfg.device) if cfg.device and world == 1 else state.device
         barrier = state.wait_for_everyone
+        # an FSDP2 launch: the frozen denoiser sharded over the processes (sharding.py),
+        # every forward then a collective of all of them
+        shard_options = launch_options(state) if world > 1 else None
     # 'auto' is resolved for this device before anything is fingerprinted, as the trainer
     # resolves it: a cache records the precision it was computed in.
     cfg = cfg.replace(mixed_precision=cfg.resolved_mixed_precision(device.type))
@@ -234,7 +252,11 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
                                  f"{out} and {free / 2**30:.2f} GiB are free")
 
         computed, seconds = 0, 0.0
-        if todo:
+        if shard_options is not None:
+            computed, seconds = _precompute_sharded(
+                cfg, family, mode, need_text, device, shard_options, dataset, cache, todo,
+                fields, dtype, pool, size, batch_size or (32 if device.type == "cuda" else 8))
+        elif todo:
             frozen = _Frozen(cfg, family, mode, need_text, device)
             t0 = time.perf_counter()  # the frozen networks' time, not their loading
             loss = PairLoss(frozen.adapter, cfg.objective, cfg.pair, cfg.beta, cfg.backend,
@@ -295,6 +317,61 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
         if lock is not None:
             lock.release()
     return {"out": str(out), "pairs": len(dataset), "draws": draws, "complete": done,
+            "sharded": shard_options is not None,
             "fields": fields, "dtype": dtype, "bytes_per_pair_draw": per_draw,
             "pair_draws_computed": computed, "seconds": seconds,
             "ms_per_pair_draw": (1000 * seconds / computed) if computed else None}
+
+
+def _precompute_sharded(cfg, family, mode, need_text, device, shard_options, dataset, cache,
+                        todo, fields, dtype, pool, size, bs) -> tuple[int, float]:
+    """The shards ``todo`` of this process with the frozen denoiser sharded over every
+    process. A sharded forward is a collective, so every process makes the same number of
+    forwards: one that has run out of work (or had none) repeats a one-pair forward whose
+    result it drops. The batch size is fixed (no halving on out-of-memory, which the
+    processes would have to agree on). Returns (pair-draws computed, seconds)."""
+    import torch.distributed as dist
+
+    from ..data import collate_pairs
+
+    pps = cache.pairs_per_shard
+    plan = [(d, s, i, min(s * pps + size(s), i + bs))
+            for d, s in todo for i in range(s * pps, s * pps + size(s), bs)]
+    n = torch.tensor([len(plan)], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    rounds = int(n.item())
+    if rounds == 0:
+        return 0, 0.0
+    frozen = _Frozen(cfg, family, mode, need_text, device, shard_options=shard_options)
+    t0 = time.perf_counter()
+    loss = PairLoss(frozen.adapter, cfg.objective, cfg.pair, cfg.beta, cfg.backend,
+                    loss_type=cfg.loss_type)
+    one = cfg.replace(timesteps_per_pair=1)  # draw d of a pair = its "epoch" d
+    phis = (frozen.phi(frozen.win), frozen.phi(frozen.lose)) if mode == "dd_cpp" else (None, None)
+    autocast = (torch.autocast(device.type, dtype=frozen.dtype)
+                if cfg.mixed_precision != "no" else contextlib.nullcontext())
+    computed, parts = 0, {}
+    for k in range(rounds):
+        real = k < len(plan)
+        d, s, i, j = plan[k] if real else (0, 0, 0, 1)
+        batch = collate_pairs([dataset[x] for x in range(i, j)])
+        # no_grad, not inference_mode: the sharded module's gathers run in its hooks
+        with torch.no_grad(), autocast:
+            inp = make_inputs(batch, frozen.adapter, mode, one, device=device,
+                              dtype=frozen.dtype, epoch=d, prompt_pool=pool)
+            target, ref_mse = loss.frozen(frozen.reference, inp, *phis)
+        if not real:
+            continue
+        m = inp.x_w.shape[0]
+        got = {"r_w": ref_mse[:m], "r_l": ref_mse[m:]}
+        if target is not None:
+            got.update(target_w=target[:m], target_l=target[m:])
+        for f in fields:
+            want = torch.float32 if f.startswith("r_") else rc.DTYPES[dtype]
+            parts.setdefault((d, s), {g: [] for g in fields})[f].append(
+                got[f].to("cpu", want).contiguous())
+        computed += m
+        if j == s * pps + size(s):  # the shard's last batch
+            _write_shard(cache.shard_path(d, s),
+                         {f: torch.cat(v).contiguous() for f, v in parts.pop((d, s)).items()})
+    return computed, time.perf_counter() - t0

@@ -76,6 +76,7 @@ class TrainingRun:
     checkpoint_kind: Optional[str] = None   # recorded in (and required of) checkpoints
     progress_desc = "train"
     prompt_sampler = None
+    shardable = False                # whether an FSDP2 launch may shard its networks
 
     def __init__(self, config):
         self.config = cfg = as_config(self.config_cls, config)
@@ -108,13 +109,23 @@ class TrainingRun:
             cpu=(cfg.device is not None and cfg.device.partition(":")[0] == "cpu"),
             kwargs_handlers=[DistributedDataParallelKwargs(
                 find_unused_parameters=getattr(cfg, "ddp_find_unused_parameters", False))])
-        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            # The reference calls, adapter switching and checkpoints address the unsharded
-            # module; under FSDP/DeepSpeed they would bypass the sharding.
+        if acc.distributed_type == DistributedType.DEEPSPEED:
             raise UnsupportedDistributedError(
-                f"distributed_type: {acc.distributed_type.value} is not supported by this "
-                "trainer; launch with DDP (accelerate launch --multi_gpu) and use lora_rank, "
-                "gradient_checkpointing and optimizer='adamw8bit' to save memory")
+                "distributed_type: DEEPSPEED is not supported by this trainer; launch with "
+                "DDP (accelerate launch --multi_gpu) or shard with FSDP2 (accelerate launch "
+                "--config_file configs/accelerate_fsdp2.yaml)")
+        # FSDP2 (sharding.py): the policy, and a full fine-tune's frozen copy, sharded over
+        # the processes; None for DDP and one-process runs
+        from . import sharding
+
+        if sharding.is_fsdp_launch(acc) and not self.shardable:
+            raise UnsupportedDistributedError(
+                f"distributed_type: FSDP is not supported by {type(self).__name__} (a "
+                "sharded launch trains with ddspo-fast train); launch it with DDP "
+                "(accelerate launch --multi_gpu)")
+        self.shard_options = sharding.launch_options(acc)
+        if self.shard_options is not None:
+            sharding.check_config(cfg, self.precision.mixed_precision)
         self.device = acc.device
         if cfg.device is not None and self.device.type != cfg.device.partition(":")[0]:
             raise ValueError(f"device: {cfg.device!r} asked for, but accelerate placed this "
@@ -209,8 +220,18 @@ class TrainingRun:
         self.policy = nets.policy
         self.trainable = nets.trainable
         self.trainable_names = nets.trainable_names
+        shard = None
+        if self.shard_options is not None:
+            from functools import partial
+
+            from .sharding import device_mesh
+            from .sharding import shard as shard_module
+
+            shard = partial(shard_module, family=self.family, mesh=device_mesh(self.device),
+                            mixed_precision=self.mixed_precision, options=self.shard_options)
+        self._policy_ddp = nets.wrap(self.accelerator, shard=shard)
+        self.trainable = nets.trainable  # a sharded policy's are its shards
         opt = build_optimizer(self.trainable, self.config)
-        self._policy_ddp = nets.wrap(self.accelerator)
         self.optimizer = self.accelerator.prepare_optimizer(opt)
         # Stepped by hand once per optimizer step (accelerate's wrapper would step it
         # once per process).
@@ -275,7 +296,9 @@ class TrainingRun:
         (clipped) optimizer and LR-schedule step. Returns detached tensors (no host
         sync)."""
         acc, cfg = self.accelerator, self.config
-        with acc.accumulate(self._policy_ddp):
+        sharded = self.shard_options is not None
+        # sharded: no accumulation without sync (it would keep whole gradients per process)
+        with acc.accumulate(*(() if sharded else (self._policy_ddp,))):
             with acc.autocast():
                 out = self.compute_loss(batch)
             loss = out[0]
@@ -283,7 +306,11 @@ class TrainingRun:
             self.guard.see_loss(loss)
             skip = False
             if acc.sync_gradients:
-                if cfg.max_grad_norm is not None:
+                if cfg.max_grad_norm is not None and sharded:
+                    from .sharding import clip_grad_norm_
+
+                    norm = clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                elif cfg.max_grad_norm is not None:
                     norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
                 else:
                     norm = grad_norm(self.trainable) if self.guard.check_grads else None
@@ -317,7 +344,11 @@ class TrainingRun:
         """Raise the run's ``NonFiniteError`` if a non-finite loss/gradient was seen (one
         sync), or, before a checkpoint or export, a trained weight is not finite."""
         step = self.guard.first_bad_step(self.accelerator)
-        if step == 0 and where in ("checkpoint", "export") and not all_finite(self.trainable):
+        if self.shard_options is not None:
+            from .sharding import all_finite as finite  # each process holds a shard
+        else:
+            finite = all_finite
+        if step == 0 and where in ("checkpoint", "export") and not finite(self.trainable):
             step = self.global_step
         if step:
             raise self._nonfinite_error(step, where)
@@ -461,6 +492,18 @@ class TrainingRun:
                  "config": cfg.to_dict()}
         if self.checkpoint_kind is not None:
             state.update(kind=self.checkpoint_kind, max_steps=self.max_steps)
+        if self.shard_options is not None:  # each process writes its own shards
+            from .sharding import local_optimizer, local_trainable
+
+            path = ckpt.save_sharded(
+                cfg.output_dir, step, acc,
+                shards=lambda: local_trainable(self.policy, self.trainable_names),
+                optimizer=lambda: local_optimizer(self.policy, self.optimizer),
+                scheduler=self.scheduler, state=state,
+                rng=ckpt.capture_rng(self.generator, self.prompt_sampler),
+                keep=cfg.checkpoints_keep)
+            self.last_checkpoint = str(path)
+            return self.last_checkpoint
         path = ckpt.save(
             cfg.output_dir, step, acc,
             trainable=lambda: {n: named[n].detach().to("cpu", self.precision.trainable)
@@ -494,20 +537,29 @@ class TrainingRun:
                     f"{name}: the checkpoint {path} was trained with {name}={old!r}, this run "
                     f"asks for {new!r}; a resumed run keeps the settings that define it (start "
                     f"a new output_dir to train with another {name})", field=name)
-        got = ckpt.load(path, self.accelerator.process_index, verified=True, state=state,
-                        trust=trust)
-        named = dict(self.policy.named_parameters())
-        for n in self.trainable_names:
-            if n not in got.trainable or got.trainable[n].shape != named[n].shape:
-                raise ValueError(f"resume: {path} does not match this model/config (no {n} "
-                                 f"of shape {tuple(named[n].shape)}; lora_rank or "
-                                 "lora_targets changed?)")
-        store_trainable(self.policy, self.precision.trainable)
-        with torch.no_grad():
+        if (self.shard_options is not None) != ckpt.is_sharded(path):
+            raise ValueError(
+                f"resume: {path} was written by a {'' if ckpt.is_sharded(path) else 'not '}"
+                f"sharded (FSDP2) run, this run is {'' if self.shard_options else 'not '}"
+                "sharded; resume with the launch that wrote it (or export it with "
+                "ddspo-fast export and start a new run from the export)")
+        if self.shard_options is not None:
+            got = self._load_shards(path, state)
+        else:
+            got = ckpt.load(path, self.accelerator.process_index, verified=True, state=state,
+                            trust=trust)
+            named = dict(self.policy.named_parameters())
             for n in self.trainable_names:
-                p = named[n]
-                p.copy_(got.trainable[n].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(got.optimizer)
+                if n not in got.trainable or got.trainable[n].shape != named[n].shape:
+                    raise ValueError(f"resume: {path} does not match this model/config (no "
+                                     f"{n} of shape {tuple(named[n].shape)}; lora_rank or "
+                                     "lora_targets changed?)")
+            store_trainable(self.policy, self.precision.trainable)
+            with torch.no_grad():
+                for n in self.trainable_names:
+                    p = named[n]
+                    p.copy_(got.trainable[n].to(p.device, p.dtype))
+            self.optimizer.load_state_dict(got.optimizer)
         self.scheduler.load_state_dict(got.scheduler)
         if got.rng is not None:
             ckpt.restore_rng(got.rng, self.generator, self.prompt_sampler)
@@ -521,6 +573,20 @@ class TrainingRun:
             self._apply_changed_settings({name for name, _, _ in changed})
             for name, old, new in changed:
                 log.warning("resume: %s changed from %r to %r (applied)", name, old, new)
+
+    def _load_shards(self, path: Path, state: dict):
+        """A sharded run's resume: this process's shards of the trained weights and of the
+        optimizer state, into the sharded policy (same number of processes only)."""
+        from .sharding import load_local_optimizer, load_local_trainable
+
+        got = ckpt.load_sharded(path, self.accelerator.process_index,
+                                self.accelerator.num_processes, verified=True, state=state)
+        try:
+            load_local_trainable(self.policy, got.trainable, self.trainable_names)
+            load_local_optimizer(self.policy, self.optimizer, got.optimizer)
+        except ValueError as e:
+            raise ValueError(f"resume: {path} does not match this model/config: {e}") from None
+        return got
 
     def _apply_changed_settings(self, names: set) -> None:
         """The optimizer and LR schedule state just loaded carry the checkpoint's

@@ -49,6 +49,7 @@ class Trainer(TrainingRun):
     """
 
     config_cls = TrainConfig
+    shardable = True
 
     # ================================================================== setup
     def _setup(self) -> None:
@@ -80,14 +81,21 @@ class Trainer(TrainingRun):
 
         cfg, prec = self.config, self.precision
         lora = cfg.lora_rank is not None
+        sharded = self.shard_options is not None
         comps = ("denoiser", "text") if self.need_text else ("denoiser",)
         # Frozen weights (text encoders, LoRA base, reference copy) are stored in
-        # precision.frozen; the trained weights in precision.trainable (fp32).
+        # precision.frozen; the trained weights in precision.trainable (fp32). A sharded
+        # denoiser is loaded on the CPU and reaches the device shard by shard.
         self.adapter = a = load_adapter(cfg.model, self.family, components=comps,
-                                        device=self.device,
+                                        device="cpu" if sharded else self.device,
                                         dtype=prec.frozen if lora else prec.trainable,
                                         text_dtype=get_family(self.family).text_dtype_for(
                                             prec.frozen, cfg.text_encoder_dtype))
+        if sharded and self.device.type != "cpu":
+            for name, comp in a.pipe.components.items():
+                if isinstance(comp, torch.nn.Module) and name != a.denoiser_name:
+                    comp.to(self.device)
+            a.device = self.device
         self.step = build_step(cfg, a, prec, cached=self.ref_cache is not None,
                                pair_adapters=self._load_pair_adapters)
         self.pair_loss = self.step.pair_loss
@@ -209,7 +217,8 @@ class Trainer(TrainingRun):
             f"ddspo-fast train: {self.adapter.describe()} {cfg.objective} "
             f"({self.mode.replace('_', '-').upper()}), beta {cfg.beta:g}, "
             f"lr {cfg.learning_rate:g} -> {cfg.output_dir}",
-            f"  device {self.device} x {self.dp_size} process(es), {precision}, "
+            f"  device {self.device} x {self.dp_size} process(es)"
+            f"{', sharded (FSDP2)' if self.shard_options is not None else ''}, {precision}, "
             f"{threads} CPU thread(s)",
             f"  trainable {human_count(n_train)} of {human_count(n_all)} denoiser parameters "
             f"({what})",
@@ -234,6 +243,8 @@ class Trainer(TrainingRun):
         cfg, acc = self.config, self.accelerator
         out = cfg.output_dir
         self._check_finite("export")
+        if self.shard_options is not None:
+            return self._save_final_sharded()
         if self.is_main:
             require_free_space(out, self._export_bytes(), "the final weights")
             den = self.policy
@@ -255,6 +266,24 @@ class Trainer(TrainingRun):
                                   "family": self.family, "base_model": cfg.model,
                                   "config": cfg.to_dict(), "step": self.global_step})
         acc.wait_for_everyone()
+        return out
+
+    def _save_final_sharded(self) -> str:
+        """``save_final`` of a sharded run: the trained weights gathered whole onto the main
+        process's CPU (a collective), written there as a checkpoint's export is."""
+        from .export import export_writer
+        from .sharding import full_state
+
+        cfg, out = self.config, self.config.output_dir
+        tensors = full_state(self.policy)
+        if self.is_main:
+            require_free_space(out, self._export_bytes(), "the final weights")
+            kind = "pipeline" if cfg.lora_rank is None else "lora"
+            outdir.publish_export(out, export_writer(cfg, self.family, cfg.model, kind, tensors,
+                                                     "the run's final weights"))
+            model_card_hook(out, {"kind": kind, "family": self.family, "base_model": cfg.model,
+                                  "config": cfg.to_dict(), "step": self.global_step})
+        self.accelerator.wait_for_everyone()
         return out
 
     def __repr__(self) -> str:
