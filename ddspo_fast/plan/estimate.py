@@ -15,6 +15,14 @@ GiB = 1 << 30
 PHASES = ("reference forward", "policy forward", "loss", "backward", "optimizer step")
 
 
+def shardable_optimizer(optimizer: str) -> bool:
+    """Whether a sharded run takes ``optimizer`` (an AdamW implementation of the trainer's
+    own sharding: ``train/sharding.py``)."""
+    from ..train.sharding import SHARDABLE_OPTIMIZERS
+
+    return optimizer.split("-")[0] in SHARDABLE_OPTIMIZERS
+
+
 @dataclass
 class PlanOptions:
     """What a step's memory depends on, as the user states it."""
@@ -63,6 +71,12 @@ class PlanOptions:
             raise ValueError(f"lora_rank: expected >= 1, got {self.lora_rank}")
         if not isinstance(self.shard_degree, int) or self.shard_degree < 1:
             raise ValueError(f"shard_degree: expected an int >= 1, got {self.shard_degree!r}")
+        if self.shard_degree > 1 and not shardable_optimizer(self.optimizer):
+            from ..train.sharding import SHARDABLE_OPTIMIZERS
+
+            raise ValueError(f"optimizer: {self.optimizer!r} cannot be sharded: a sharded run "
+                             f"(train/sharding.py) takes {', '.join(SHARDABLE_OPTIMIZERS)} "
+                             "(per-element states that shard with the parameters)")
 
     def ref_first(self) -> bool:
         """ddspo_fast's trainer runs the reference first for DDSPO (train/pairs.py)."""

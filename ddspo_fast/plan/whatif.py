@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
-from .estimate import Estimate, combine, estimate_step
+from .estimate import Estimate, combine, estimate_step, shardable_optimizer
 
 GiB = 1 << 30
 
@@ -35,8 +35,17 @@ def with_optimizer(est: Estimate, optimizer: str) -> Estimate:
 
 def with_sharding(est: Estimate, ranks: int) -> Estimate:
     """The same step with weights, gradients and optimizer states sharded over ``ranks``
-    (per-rank memory; see ``estimate.combine``)."""
-    return combine(est.arch, replace(est.options, shard_degree=ranks), est.traced)
+    (per-rank memory; see ``estimate.combine``). A sharded run takes AdamW only, so an
+    8-bit or other optimizer is counted as AdamW (``sharding_label`` says so)."""
+    opts = replace(est.options, shard_degree=ranks)
+    if not shardable_optimizer(opts.optimizer):
+        opts = replace(opts, optimizer="adamw")
+    return combine(est.arch, opts, est.traced)
+
+
+def sharding_label(est: Estimate, ranks: int) -> str:
+    note = "" if shardable_optimizer(est.options.optimizer) else ", AdamW"
+    return f"sharding over {ranks} GPUs (per rank{note})"
 
 
 def with_base(est: Estimate, base: str) -> Estimate:
@@ -70,5 +79,5 @@ def variants(est: Estimate, *, traced: bool = False) -> list[tuple[str, Estimate
             out.append((what, with_base(est, base)))
     if o.shard_degree == 1:
         for n in (2, 4, 8):
-            out.append((f"sharding over {n} GPUs (per rank)", with_sharding(est, n)))
+            out.append((sharding_label(est, n), with_sharding(est, n)))
     return out

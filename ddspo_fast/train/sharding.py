@@ -54,6 +54,14 @@ def block_classes(family: str) -> tuple[str, ...]:
     return declared
 
 
+# ---------------------------------------------------------------------- the launch
+@dataclass(frozen=True)
+class ShardOptions:
+    """How a run shards: read from the launch (``launch_options``)."""
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+
+
 def _env_true(name: str, default: str = "false") -> bool:
     return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
 
