@@ -35,7 +35,6 @@ from ..fsio import DirLock, explain_disk_full, free_bytes, require_free_space
 from . import checkpoint as ckpt
 from . import outdir
 from .config import RUN_DEFINING, TrainConfig, as_config, resume_differences, weight_dtype
-from .draws import batch_ids
 from .errors import NonFiniteError, ResumeMismatchError
 from .export import model_card_hook, write_lora
 from .lora import (LOSE, POLICY, WIN, AdapterSwitch, add_policy_lora, find_pair_dirs,
@@ -335,15 +334,12 @@ class Trainer:
             yield from loader
             epoch, offset = epoch + 1, 0
 
-    def _draw_epoch(self, batch: dict) -> int:
-        """The epoch this micro-batch's draws belong to (``draws.py``)."""
-        return int(batch.get("draw_epoch", self.micro_step // self.batches_per_epoch))
-
     def make_inputs(self, batch: dict) -> PairInputs:
         """Batch -> the tensors of one step (see ``pairs.make_inputs``)."""
         ps = self.prompt_sampler
         return make_inputs(batch, self.adapter, self.mode, self.config, device=self.device,
-                           dtype=self.weight_dtype, epoch=self._draw_epoch(batch),
+                           dtype=self.weight_dtype,
+                           epoch=self.micro_step // self.batches_per_epoch,
                            prompt_pool=ps.pool if ps is not None else None,
                            policy_only=self.ref_cache is not None)
 
@@ -369,10 +365,8 @@ class Trainer:
         """Forward only: ``(loss, stats, inputs)`` for one micro-batch (no backward)."""
         inp = self.make_inputs(batch)
         if self.ref_cache is not None:
-            target, ref_mse = self.ref_cache.lookup(
-                batch_ids(batch), self._draw_epoch(batch), self.config.timesteps_per_pair,
-                device=self.device)
-            loss, stats = self.pair_loss.cached_loss(self._policy_fn, inp, target, ref_mse)
+            frozen = self.ref_cache.lookup(inp.ids, inp.draws, device=self.device)
+            loss, stats = self.pair_loss.cached_loss(self._policy_fn, inp, frozen)
             return loss, stats, inp
         phi = (self._phi(WIN), self._phi(LOSE)) if self.pair_loss.mode == "dd_cpp" else (None, None)
         loss, stats = self.pair_loss(self._policy_fn, self._reference_fn, inp, *phi)
