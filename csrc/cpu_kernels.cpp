@@ -246,7 +246,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpu_fwd(
       sr += part_r[j * nchunks + c];
     }
     mm[j] = sm * inv_n;
-    rm[j] = given.defined() ? given.const_data_ptr<double>()[j] : sr * inv_n;
+    rm[j] = sr * inv_n;
+    if (given.defined()) {
+      // Given errors are fp32 (as this kernel's own are returned): m enters the margin at
+      // that precision too, so a policy row equal to its reference row gives exactly 0.
+      rm[j] = given.const_data_ptr<double>()[j];
+      if (!f64) mm[j] = double(float(mm[j]));
+    }
     model_mse.data_ptr<float>()[j] = float(mm[j]);
     ref_mse.data_ptr<float>()[j] = float(rm[j]);
   }

@@ -9,7 +9,8 @@ import importlib
 
 from ._version import __version__
 from .loss import (BackendUnavailableError, DDSPOLoss, available_backends, ddspo_loss,
-                   ddspo_loss_from_ref_mse, ddspo_loss_from_reference, dpo_loss)
+                   ddspo_loss_from_ref_mse, ddspo_loss_from_reference, dpo_loss,
+                   reference_mse)
 
 _LAZY = {
     "Trainer": ("ddspo_fast.train", "Trainer"),
@@ -20,7 +21,7 @@ _LAZY_MODULES = ("testing", "data", "models", "train", "demo", "bench", "plan", 
 
 __all__ = [
     "__version__", "ddspo_loss", "ddspo_loss_from_reference", "ddspo_loss_from_ref_mse",
-    "dpo_loss", "DDSPOLoss",
+    "reference_mse", "dpo_loss", "DDSPOLoss",
     "available_backends", "BackendUnavailableError", *_LAZY,
 ]
 

@@ -158,6 +158,23 @@ def test_ref_mse_entry_is_the_loss_on_rows_with_those_errors(backend):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + CPU_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_mse_is_the_kernels_own_row_error(backend, dtype):
+    model, ref, tgt = make((6, 3, 17, 9), dtype, near=True)
+    _, stats = df.ddspo_loss(model, ref, tgt, 900.0, backend=backend)
+    r = df.reference_mse(ref, tgt, backend=backend)
+    assert r.dtype == torch.float32 and r.shape == (6,) and not r.requires_grad
+    torch.testing.assert_close(r, stats["ref_mse"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(df.reference_mse(ref, (tgt[:3], tgt[3:]), backend=backend), r,
+                               rtol=0, atol=0)
+    # a policy equal to the reference: margin exactly 0, loss log 2, whatever the beta
+    policy = ref.detach().clone().requires_grad_()
+    loss, stats = df.ddspo_loss_from_ref_mse(policy, tgt, r, 22000.0, backend=backend)
+    assert torch.equal(stats["margin"], torch.zeros(3))
+    assert abs(loss.item() - math.log(2)) < 1e-6
+
+
 @pytest.mark.parametrize("args,match", [
     ((torch.randn(4, 3), torch.randn(5),), "ref_mse: expected shape \\(4,\\)"),
     ((torch.randn(3, 3), torch.randn(4),), "target: expected the shape"),
@@ -282,6 +299,10 @@ from loss_checks import check_backend
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     check_backend("triton", (6, 3, 17, 9), dtype, beta=5000.0, weights=True, given=True)
     check_backend("triton", (4, 4, 96, 97), dtype, beta=22000.0, given=True)
+r = df.reference_mse(m.detach(), ref_out[:4].detach(), backend="triton")
+_, st = df.ddspo_loss_from_ref_mse(m.detach().clone(), ref_out[:4].detach(), r, 22000.0,
+                                   backend="triton")
+assert torch.equal(st["margin"], torch.zeros(2)), st["margin"]
 rows = m.detach().flatten(1)
 try:
     torch.ops.ddspo_fast.triton_fwd(rows, rows[:2], rows[2:], None, None, None, 1.0)

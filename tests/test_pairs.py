@@ -127,10 +127,28 @@ def test_live_is_frozen_then_policy_and_cached_is_the_same_policy_loss(mode, bac
         torch.testing.assert_close(got_stats[k], live_stats[k], rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["dpo", "dpo-mix", "dd_cpp"])
+def test_policy_equal_to_reference_has_margin_exactly_zero(mode, backend):
+    """Where policy and reference see the same rows and targets (not TF-CPP, whose
+    reference sees c- for target_l), a policy equal to the reference has margin 0: its
+    errors and the reference's come from one arithmetic."""
+    objective, pair, mixing = MODES[mode]
+    ref, phi_w, phi_l = (_Net(i).requires_grad_(False) for i in (1, 2, 3))
+    policy = _Net(1)
+    loss_fn = PairLoss(_Family(), objective, pair, beta=22000.0, backend=backend)
+    phis = (phi_w, phi_l) if pair == "lora" else (None, None)
+    loss, stats = loss_fn(policy, ref, _inputs(mixing), *phis)
+    assert torch.equal(stats["margin"], torch.zeros(N))
+    want = float(_inputs(mixing).weights.mean() * torch.log(torch.tensor(2.0)))
+    assert loss.item() == pytest.approx(want, abs=1e-6)   # weighted mean of log 2
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu extension is not built")
 def test_cached_loss_runs_the_fused_op(monkeypatch):
     """The cached path goes through the library's op (ddspo_fast::cpu_fwd), with the
-    reference's row errors as its input, not through eager loss math."""
+    reference's row errors as its input, not through eager loss math; the frozen part's
+    errors come from the same op."""
     seen = []
     real = _ops._FWD["cpu"]
     monkeypatch.setitem(_ops._FWD, "cpu",
@@ -138,6 +156,8 @@ def test_cached_loss_runs_the_fused_op(monkeypatch):
     policy, ref = _Net(0), _Net(1).requires_grad_(False)
     loss_fn = PairLoss(_Family(), "ddspo", "reference", beta=50.0, backend="cpu")
     fr = loss_fn.frozen(ref, _inputs(False))
+    assert len(seen) == 1   # the reference's errors: the op's own, on the reference's rows
+    seen.clear()
     loss, _ = loss_fn.cached_loss(policy, _inputs(False), fr)
     loss.backward()
     assert len(seen) == 1

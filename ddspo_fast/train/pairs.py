@@ -16,8 +16,10 @@ random-condition mixing under Diffusion-DPO the reference runs on the TF-CPP lay
 (5 rows) and mixed pairs take its targets (selected with ``torch.where``, no sync).
 
 ``make_inputs`` turns a data batch into ``PairInputs`` (one text-encoder call for every
-prompt the step needs, shared (t, eps) per pair); ``PairLoss`` runs the networks on the
-rows above and returns the loss.
+prompt the step needs, shared (t, eps) per pair, the pair ids and draw indices);
+``PairLoss`` runs the networks on the rows above and returns the loss: the frozen part
+(``PairLoss.frozen``: targets and the reference's row errors) then the policy's, which a
+reference cache lets a step run alone (``PairLoss.cached_loss``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ..loss import ddspo_loss_from_ref_mse
-from ..loss.eager import row_mse
+from ..loss import ddspo_loss_from_ref_mse, reference_mse
 
 
 def cat_cond(*conds: dict) -> dict:
@@ -260,7 +261,6 @@ class PairLoss:
         n = inp.x_w.shape[0]
         rows, (xt_w, xt_l) = self._rows(inp, reference=True)
         ref_out = reference(*rows)
-        ref_w, ref_l = ref_out[:n], ref_out[n:2 * n]
         target = None
         if self._three(inp):  # [x_w|c ; x_l|c ; x_l|c-]: the targets are rows 0..n-1, 2n..3n-1
             target = (ref_out[:n], ref_out[2 * n:])
@@ -268,10 +268,9 @@ class PairLoss:
             target = (phi_w(xt_w, inp.t, inp.cond).to(ref_out.dtype),
                       phi_l(xt_l, inp.t, inp.cond).to(ref_out.dtype))
         tw, tl = self._loss_targets(inp, target)
-        r_l = row_mse(ref_l, tl)
-        # TF-CPP: ref_pred_w is target_w, so r_w is exactly 0, as the loss has it
-        r_w = torch.zeros_like(r_l) if self.mode == "tf_cpp" else row_mse(ref_w, tw)
-        ref_mse = torch.cat([r_w, r_l]).float()
+        # by the kernels that compute the policy's errors, so equal rows give equal errors
+        # (TF-CPP: ref_pred_w is target_w, so r_w is exactly 0)
+        ref_mse = reference_mse(ref_out[:2 * n], (tw, tl), backend=self.backend)
         return Frozen(target, ref_mse), (tw, tl), _head(rows, 2 * n)
 
     def frozen(self, reference: Callable, inp: PairInputs, phi_w: Callable | None = None,
