@@ -391,6 +391,27 @@ def test_torch_compile_fullgraph(backend, loss_type):
     assert abs(acc_c.item() - acc_e.item()) <= near_zero / margin_e.numel() + 1e-7
 
 
+@pytest.mark.parametrize("backend", ["torch"] + CPU_KERNELS)
+def test_torch_compile_fullgraph_with_reference_errors(backend):
+    """The op with the reference's errors given traces whole (the fake handles ref_mse)."""
+    torch._dynamo.reset()
+
+    def step(model, target, ref_mse):
+        loss, stats = df.ddspo_loss_from_ref_mse(model, target, ref_mse, 3000.0,
+                                                 backend=backend)
+        return loss * 2, stats["model_mse"]
+
+    model, ref, tgt = make((4, 2, 5, 5), torch.float32, near=True)
+    r = df.reference_mse(ref, tgt, backend=backend)
+    loss_c, mse_c = torch.compile(step, fullgraph=True)(model, tgt, r)
+    (g_c,) = torch.autograd.grad(loss_c, model)
+    loss_e, mse_e = step(model, tgt, r)
+    (g_e,) = torch.autograd.grad(loss_e, model)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mse_c, mse_e, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-7)
+
+
 # ------------------------------------------------------------------ dispatch
 def test_available_backends_and_auto():
     avail = df.available_backends()
