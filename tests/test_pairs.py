@@ -11,7 +11,7 @@ import torch
 import ddspo_fast as df
 from ddspo_fast.loss import _ops, available_backends
 from ddspo_fast.train.draws import batch_draws
-from ddspo_fast.train.pairs import Frozen, PairInputs, PairLoss
+from ddspo_fast.train.pairs import FrozenOutputs, PairInputs, PairLoss
 
 BACKENDS = [b for b in ("torch", "cpu") if b in available_backends()]
 N, S = 3, (2, 3, 3)
@@ -109,7 +109,7 @@ def test_live_is_frozen_then_policy_and_cached_is_the_same_policy_loss(mode, bac
         torch.testing.assert_close(live_stats[k], want_stats[k], rtol=1e-5, atol=atol)
 
     fr = loss_fn.frozen(ref, inp, *phis)
-    assert isinstance(fr, Frozen) and fr.ref_mse.shape == (2 * N,)
+    assert isinstance(fr, FrozenOutputs) and fr.ref_mse.shape == (2 * N,)
     assert fr.ref_mse.dtype == torch.float32 and not fr.ref_mse.requires_grad
     assert (fr.target is None) == (mode == "dpo")
     if mode == "tf_cpp":

@@ -182,7 +182,7 @@ def make_inputs(batch: dict, adapter, mode: str, cfg, *, device, dtype: torch.dt
 
 
 # ---------------------------------------------------------------------- loss
-class Frozen(NamedTuple):
+class FrozenOutputs(NamedTuple):
     """The frozen networks' part of one micro-batch's loss (``PairLoss.frozen``)."""
 
     target: Optional[tuple]     # (target_w, target_l) (n, *S) each, what a cache stores:
@@ -255,9 +255,10 @@ class PairLoss:
     @torch.no_grad()
     def _frozen(self, reference: Callable, inp: PairInputs, phi_w: Callable | None,
                 phi_l: Callable | None):
-        """``(Frozen, loss targets, the policy's rows)``: the frozen networks run first,
-        so their working set never sits on top of the policy's saved activations (ddspo-fast
-        plan, SDXL full fine-tune, 4 pairs, no checkpointing: peak 104.98 -> 102.95 GiB)."""
+        """``(FrozenOutputs, loss targets, the policy's rows)``: the frozen networks run
+        first, so their working set never sits on top of the policy's saved activations
+        (ddspo-fast plan, SDXL full fine-tune, 4 pairs, no checkpointing: peak 104.98 ->
+        102.95 GiB)."""
         n = inp.x_w.shape[0]
         rows, (xt_w, xt_l) = self._rows(inp, reference=True)
         ref_out = reference(*rows)
@@ -271,10 +272,10 @@ class PairLoss:
         # by the kernels that compute the policy's errors, so equal rows give equal errors
         # (TF-CPP: ref_pred_w is target_w, so r_w is exactly 0)
         ref_mse = reference_mse(ref_out[:2 * n], (tw, tl), backend=self.backend)
-        return Frozen(target, ref_mse), (tw, tl), _head(rows, 2 * n)
+        return FrozenOutputs(target, ref_mse), (tw, tl), _head(rows, 2 * n)
 
     def frozen(self, reference: Callable, inp: PairInputs, phi_w: Callable | None = None,
-               phi_l: Callable | None = None) -> Frozen:
+               phi_l: Callable | None = None) -> FrozenOutputs:
         """What the frozen networks contribute to the loss on ``inp`` (no grad): all the
         loss needs besides the policy's output, so a precompute can store it and
         ``cached_loss`` run the policy alone."""
@@ -294,7 +295,7 @@ class PairLoss:
         fr, targets, rows = self._frozen(reference, inp, phi_w, phi_l)
         return self._policy_loss(policy, inp, fr.ref_mse, targets, rows)
 
-    def cached_loss(self, policy: Callable, inp: PairInputs, frozen: Frozen):
+    def cached_loss(self, policy: Callable, inp: PairInputs, frozen: FrozenOutputs):
         """The loss from the policy's 2n rows and a cached ``frozen`` (on the inputs'
         device): the same value and stats as ``__call__``, through the same kernels."""
         rows, _ = self._rows(inp, reference=False)

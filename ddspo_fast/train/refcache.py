@@ -51,7 +51,7 @@ import torch
 from ..fsio import atomic_write_json, sha256_file
 from .errors import UntrustedCheckpointError
 from .draws import DRAWS_VERSION, draws_needed
-from .pairs import Frozen, needs_text_encoder, pair_mode
+from .pairs import FrozenOutputs, needs_text_encoder, pair_mode
 
 FORMAT_NAME = "ddspo_fast.refcache"
 FORMAT_VERSION = 2  # 2: every shard has its checksum file
@@ -418,8 +418,8 @@ class RefCache:
                     rows[f].append(h.get_slice(f)[row])
         return {f: torch.stack(v) for f, v in rows.items()}
 
-    def lookup(self, ids, draws, *, device) -> Frozen:
-        """The stored ``Frozen`` of the pair-draws ``[(ids[0], draws[0][0]), ...]`` (a
+    def lookup(self, ids, draws, *, device) -> FrozenOutputs:
+        """The stored ``FrozenOutputs`` of the pair-draws ``[(ids[0], draws[0][0]), ...]`` (a
         ``PairInputs``' ``ids`` and ``draws``), in its row order, on ``device``."""
         got = self.read(ids, draws)
         dev = torch.device(device)
@@ -430,7 +430,7 @@ class RefCache:
         if "target_w" in got:
             target = (got["target_w"].to(dev, non_blocking=True),
                       got["target_l"].to(dev, non_blocking=True))
-        return Frozen(target, ref_mse)
+        return FrozenOutputs(target, ref_mse)
 
     def close(self) -> None:
         self._handles = OrderedDict()
