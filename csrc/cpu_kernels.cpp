@@ -158,18 +158,40 @@ int64_t grain_for(int64_t chunk_len) {
 }
 
 // ------------------------------------------------------------------ ops
+// The reference's per-row errors given instead of its rows (a reference cache): as
+// doubles, checked like the rows are.
+Tensor given_ref_mse(const c10::optional<Tensor>& ref_mse, bool has_rows, int64_t rows) {
+  if (!(ref_mse.has_value() && ref_mse->defined())) {
+    TORCH_CHECK(has_rows, "ref_l: required unless ref_mse is given");
+    return Tensor();
+  }
+  TORCH_CHECK(!has_rows, "ref_mse: give either the reference rows (ref_w, ref_l) or ref_mse, "
+              "not both");
+  TORCH_CHECK(ref_mse->device().is_cpu(), "ref_mse: expected a CPU tensor, got one on ",
+              ref_mse->device());
+  TORCH_CHECK(ref_mse->dim() == 1 && ref_mse->size(0) == rows, "ref_mse: expected shape (",
+              rows, "), got ", ref_mse->sizes());
+  TORCH_CHECK(at::isFloatingType(ref_mse->scalar_type()), "ref_mse: expected a floating "
+              "dtype, got ", ref_mse->scalar_type());
+  return ref_mse->to(at::kDouble).contiguous();
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpu_fwd(
     const Tensor& model, const Tensor& target_w, const Tensor& target_l,
-    const c10::optional<Tensor>& ref_w, const Tensor& ref_l, const c10::optional<Tensor>& weights,
-    double beta) {
+    const c10::optional<Tensor>& ref_w, const c10::optional<Tensor>& ref_l_opt,
+    const c10::optional<Tensor>& weights, double beta, const c10::optional<Tensor>& ref_mse_in) {
   TORCH_CHECK(model.dim() == 2 && model.size(0) % 2 == 0 && model.size(0) > 0,
               "model: expected shape (2B, N) with B >= 1, got ", model.sizes());
   const int64_t b = model.size(0) / 2, n = model.size(1), rows = 2 * b;
   check_rows(model, "model", rows, n, model);
   check_rows(target_w, "target_w", b, n, model);
   check_rows(target_l, "target_l", b, n, model);
-  check_rows(ref_l, "ref_l", b, n, model);
   const bool has_rw = ref_w.has_value() && ref_w->defined();
+  const bool has_rl = ref_l_opt.has_value() && ref_l_opt->defined();
+  const Tensor given = given_ref_mse(ref_mse_in, has_rw || has_rl, rows);
+  TORCH_CHECK(given.defined() || has_rl, "ref_l: required when ref_w is given");
+  const Tensor ref_l = has_rl ? *ref_l_opt : Tensor();
+  if (has_rl) check_rows(ref_l, "ref_l", b, n, model);
   if (has_rw) check_rows(*ref_w, "ref_w", b, n, model);
   const bool has_w = weights.has_value() && weights->defined();
   Tensor w;
@@ -189,7 +211,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpu_fwd(
     const scalar_t* twp = target_w.const_data_ptr<scalar_t>();
     const scalar_t* tlp = target_l.const_data_ptr<scalar_t>();
     const scalar_t* rwp = has_rw ? ref_w->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* rlp = ref_l.const_data_ptr<scalar_t>();
+    const scalar_t* rlp = has_rl ? ref_l.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, rows * nchunks, grain_for(chunk), [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t j = task / nchunks, e0 = (task % nchunks) * chunk;
@@ -200,7 +222,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpu_fwd(
         const scalar_t* m = mp + j * model.stride(0) + e0;
         const scalar_t* t = (win ? twp + i * target_w.stride(0) : tlp + i * target_l.stride(0)) + e0;
         const scalar_t* r = win ? (has_rw ? rwp + i * ref_w->stride(0) + e0 : nullptr)
-                                : rlp + i * ref_l.stride(0) + e0;
+                                : (has_rl ? rlp + i * ref_l.stride(0) + e0 : nullptr);
         if (r)
           sq_err_sums<scalar_t, true>(m, t, r, len, &part_m[task], &part_r[task]);
         else
@@ -225,6 +247,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpu_fwd(
     }
     mm[j] = sm * inv_n;
     rm[j] = sr * inv_n;
+    if (given.defined()) {
+      // Given errors are fp32 (as this kernel's own are returned): m enters the margin at
+      // that precision too, so a policy row equal to its reference row gives exactly 0.
+      rm[j] = given.const_data_ptr<double>()[j];
+      if (!f64) mm[j] = double(float(mm[j]));
+    }
     model_mse.data_ptr<float>()[j] = float(mm[j]);
     ref_mse.data_ptr<float>()[j] = float(rm[j]);
   }

@@ -79,14 +79,31 @@ void check_launch(cudaError_t err, const char* what) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_fwd(
     const at::Tensor& model, const at::Tensor& target_w, const at::Tensor& target_l,
-    const c10::optional<at::Tensor>& ref_w, const at::Tensor& ref_l,
-    const c10::optional<at::Tensor>& weights, double beta) {
+    const c10::optional<at::Tensor>& ref_w, const c10::optional<at::Tensor>& ref_l,
+    const c10::optional<at::Tensor>& weights, double beta,
+    const c10::optional<at::Tensor>& ref_mse_in) {
   const int64_t b = check_model(model);
   const int64_t n = model.size(1);
   check_rows("target_w", target_w, b, n, model);
   check_rows("target_l", target_l, b, n, model);
-  check_rows("ref_l", ref_l, b, n, model);
   const bool has_rw = ref_w.has_value() && ref_w->defined();
+  const bool has_rl = ref_l.has_value() && ref_l->defined();
+  // The reference as rows, or as its row errors (a reference cache): one of the two.
+  at::Tensor given;
+  if (ref_mse_in.has_value() && ref_mse_in->defined()) {
+    TORCH_CHECK(!has_rw && !has_rl, "ref_mse: give either the reference rows (ref_w, ref_l) "
+                "or ref_mse, not both");
+    TORCH_CHECK(ref_mse_in->dim() == 1 && ref_mse_in->size(0) == 2 * b,
+                "ref_mse: expected shape (", 2 * b, "), got ", ref_mse_in->sizes());
+    TORCH_CHECK(ref_mse_in->device() == model.device(), "ref_mse: expected device ",
+                model.device(), ", got ", ref_mse_in->device());
+    TORCH_CHECK(at::isFloatingType(ref_mse_in->scalar_type()),
+                "ref_mse: expected a floating dtype, got ", ref_mse_in->scalar_type());
+    given = ref_mse_in->to(at::kFloat).contiguous();  // (2B,) floats: a no-op when fp32
+  } else {
+    TORCH_CHECK(has_rl, "ref_l: required unless ref_mse is given");
+    check_rows("ref_l", *ref_l, b, n, model);
+  }
   if (has_rw) check_rows("ref_w", *ref_w, b, n, model);
   at::Tensor w;
   if (weights.has_value() && weights->defined()) {
@@ -116,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_fwd(
   a.target_w = target_w.data_ptr();
   a.target_l = target_l.data_ptr();
   a.ref_w = has_rw ? ref_w->data_ptr() : nullptr;
-  a.ref_l = ref_l.data_ptr();
+  a.ref_l = has_rl ? ref_l->data_ptr() : nullptr;
+  a.ref_mse_in = given.defined() ? given.data_ptr<float>() : nullptr;
   a.weights = w.defined() ? w.data_ptr<float>() : nullptr;
   a.B = b;
   a.N = n;
@@ -124,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_fwd(
   a.s_target_w = target_w.stride(0);
   a.s_target_l = target_l.stride(0);
   a.s_ref_w = has_rw ? ref_w->stride(0) : 0;
-  a.s_ref_l = ref_l.stride(0);
+  a.s_ref_l = has_rl ? ref_l->stride(0) : 0;
   a.beta = static_cast<float>(beta);
   a.workspace = workspace.data_ptr<float>();
   a.loss = loss.data_ptr<float>();

@@ -9,7 +9,8 @@ import importlib
 
 from ._version import __version__
 from .loss import (BackendUnavailableError, DDSPOLoss, available_backends, ddspo_loss,
-                   ddspo_loss_from_reference, dpo_loss)
+                   ddspo_loss_from_ref_mse, ddspo_loss_from_reference, dpo_loss,
+                   reference_mse)
 
 _LAZY = {
     "Trainer": ("ddspo_fast.train", "Trainer"),
@@ -19,7 +20,8 @@ _LAZY = {
 _LAZY_MODULES = ("testing", "data", "models", "train", "demo", "bench", "plan", "cli")
 
 __all__ = [
-    "__version__", "ddspo_loss", "ddspo_loss_from_reference", "dpo_loss", "DDSPOLoss",
+    "__version__", "ddspo_loss", "ddspo_loss_from_reference", "ddspo_loss_from_ref_mse",
+    "reference_mse", "dpo_loss", "DDSPOLoss",
     "available_backends", "BackendUnavailableError", *_LAZY,
 ]
 

@@ -102,6 +102,28 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The block's sums of Q quantities, reduced in a fixed order, written as the partials of
+// (pair, chunk): workspace laid out (4, B, n_chunks), quantity q at q * B * n_chunks.
+template <int Q>
+__device__ __forceinline__ void store_partials(const ddspo_fwd_args& a, int64_t n_chunks,
+                                               int64_t pair, int64_t chunk,
+                                               const float (&sums)[Q]) {
+  __shared__ float red[Q][kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const float v = warp_sum(sums[q]);
+    if (lane == 0) red[q][warp] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < Q) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += red[threadIdx.x][w];
+    a.workspace[(threadIdx.x * a.B + pair) * n_chunks + chunk] = s;
+  }
+}
+
 // Kernel 1: grid = B * n_chunks blocks; block (pair, chunk) writes the four partial sums
 // sum (m_w - t_w)^2, (m_l - t_l)^2, (r_w - t_w)^2, (r_l - t_l)^2 over its chunk into
 // workspace laid out (4, B, n_chunks).
@@ -162,25 +184,46 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     }
   }
 
-  __shared__ float red[4][kWarps];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  s_mw = warp_sum(s_mw);
-  s_ml = warp_sum(s_ml);
-  s_rw = warp_sum(s_rw);
-  s_rl = warp_sum(s_rl);
-  if (lane == 0) {
-    red[0][warp] = s_mw;
-    red[1][warp] = s_ml;
-    red[2][warp] = s_rw;
-    red[3][warp] = s_rl;
-  }
-  __syncthreads();
-  if (threadIdx.x < 4) {
-    float s = 0.f;
+  store_partials<4>(a, n_chunks, pair, chunk, {s_mw, s_ml, s_rw, s_rl});
+}
+
+// Kernel 1 when the reference's row errors are given (ref_mse_in): only the policy's rows
+// and the targets are read; the two model partials are written (finalize reads no more).
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    fwd_partials_policy(const ddspo_fwd_args a, const int64_t n_chunks, const int64_t chunk_len) {
+  constexpr int V = Vec<T>::n;
+  const int64_t pair = blockIdx.x / n_chunks;
+  const int64_t chunk = blockIdx.x % n_chunks;
+  const T* __restrict__ mw = static_cast<const T*>(a.model) + pair * a.s_model;
+  const T* __restrict__ ml = static_cast<const T*>(a.model) + (pair + a.B) * a.s_model;
+  const T* __restrict__ tw = static_cast<const T*>(a.target_w) + pair * a.s_target_w;
+  const T* __restrict__ tl = static_cast<const T*>(a.target_l) + pair * a.s_target_l;
+  const int64_t lo = chunk * chunk_len;
+  const int64_t hi = lo + chunk_len < a.N ? lo + chunk_len : a.N;
+
+  float s_mw = 0.f, s_ml = 0.f;
+  for (int64_t i = lo + int64_t(threadIdx.x) * V; i < hi; i += int64_t(kThreads) * V) {
+    if (VEC && i + V <= hi) {
+      const uint4 r_tw = load16<false>(tw + i), r_mw = load16<false>(mw + i);
+      const uint4 r_tl = load16<false>(tl + i), r_ml = load16<false>(ml + i);
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += red[threadIdx.x][w];
-    a.workspace[(threadIdx.x * a.B + pair) * n_chunks + chunk] = s;
+      for (int k = 0; k < V; ++k) {
+        const float d_mw = elem<T>(r_mw, k) - elem<T>(r_tw, k);
+        const float d_ml = elem<T>(r_ml, k) - elem<T>(r_tl, k);
+        s_mw = fmaf(d_mw, d_mw, s_mw);
+        s_ml = fmaf(d_ml, d_ml, s_ml);
+      }
+    } else {
+      const int64_t end = i + V < hi ? i + V : hi;
+      for (int64_t j = i; j < end; ++j) {
+        const float d_mw = to_f(mw[j]) - to_f(tw[j]), d_ml = to_f(ml[j]) - to_f(tl[j]);
+        s_mw = fmaf(d_mw, d_mw, s_mw);
+        s_ml = fmaf(d_ml, d_ml, s_ml);
+      }
+    }
   }
+  store_partials<2>(a, n_chunks, pair, chunk, {s_mw, s_ml});
 }
 
 // Per-pair math. log1pf keeps full relative accuracy for the tiny softplus of a
@@ -209,9 +252,10 @@ __global__ void __launch_bounds__(kThreads)
   const float inv_b = __frcp_rn(static_cast<float>(a.B));
   float warp_loss = 0.f;
   for (int64_t p = warp; p < a.B; p += kWarps) {
-    float s[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
+    // Given reference errors: only the model's two partials were written.
+    const int nq = a.ref_mse_in ? 2 : 4;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int q = 0; q < nq; ++q) {
       const float* row = a.workspace + (q * a.B + p) * n_chunks;
       float v = 0.f;
       for (int64_t c = lane; c < n_chunks; c += 32) v += row[c];
@@ -219,7 +263,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (lane == 0) {
       const float m_w = __fdiv_rn(s[0], n), m_l = __fdiv_rn(s[1], n);
-      const float r_w = __fdiv_rn(s[2], n), r_l = __fdiv_rn(s[3], n);
+      const float r_w = a.ref_mse_in ? a.ref_mse_in[p] : __fdiv_rn(s[2], n);
+      const float r_l = a.ref_mse_in ? a.ref_mse_in[a.B + p] : __fdiv_rn(s[3], n);
       const float w = a.weights ? a.weights[p] : 1.f;
       float z, wsp, coef;
       pair_math(m_w, m_l, r_w, r_l, w, a.beta, inv_b, n, &z, &wsp, &coef);
@@ -306,7 +351,11 @@ cudaError_t fwd_typed(const ddspo_fwd_args& a, const ddspo_fwd_plan& plan, cudaS
                       {a.s_model, a.s_target_w, a.s_target_l, has_rw ? a.s_ref_w : 0,
                        a.s_ref_l});
   const dim3 grid(static_cast<unsigned>(a.B * plan.n_chunks));
-  if (vec && has_rw)
+  if (a.ref_mse_in && vec)
+    fwd_partials_policy<T, true><<<grid, kThreads, 0, st>>>(a, plan.n_chunks, plan.chunk_len);
+  else if (a.ref_mse_in)
+    fwd_partials_policy<T, false><<<grid, kThreads, 0, st>>>(a, plan.n_chunks, plan.chunk_len);
+  else if (vec && has_rw)
     fwd_partials<T, true, true><<<grid, kThreads, 0, st>>>(a, plan.n_chunks, plan.chunk_len);
   else if (vec)
     fwd_partials<T, true, false><<<grid, kThreads, 0, st>>>(a, plan.n_chunks, plan.chunk_len);

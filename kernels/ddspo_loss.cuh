@@ -34,7 +34,9 @@ typedef struct ddspo_fwd_args {
   const void* target_w;  // (B, N)
   const void* target_l;  // (B, N)
   const void* ref_w;     // (B, N) or NULL: ref_w == target_w, r_w = 0 and nothing is read
-  const void* ref_l;     // (B, N)
+  const void* ref_l;     // (B, N), or NULL when ref_mse_in is given
+  const float* ref_mse_in;  // (2B,) contiguous fp32 [r_w ; r_l], or NULL: the reference's
+                            // row errors given (a reference cache); then no row is read
   const float* weights;  // (B,) contiguous fp32, or NULL for all ones
   int64_t B, N;
   int64_t s_model, s_target_w, s_target_l, s_ref_w, s_ref_l;  // row strides, elements

@@ -96,8 +96,9 @@ def supported_dtypes(backend, device):
 
 def opcheck_ops(backend, device, dtypes=None):
     """`torch.library.opcheck` of `BK_fwd` and `BK_bwd` in every dtype the backend takes and
-    both layouts (ref_w given, and None as in TF-CPP's packed rows), weighted or not, plus
-    the grad_scale dtype contract (`_ops.grad_scale_dtype`) that the fake kernel states."""
+    the three reference layouts (ref_w given; None as in TF-CPP's packed rows; no rows but
+    their errors `ref_mse`, as from a reference cache), weighted or not, plus the
+    grad_scale dtype contract (`_ops.grad_scale_dtype`) that the fake kernel states."""
     from ddspo_fast.loss import _ops
     fwd = getattr(torch.ops.ddspo_fast, f"{backend}_fwd").default
     bwd = getattr(torch.ops.ddspo_fast, f"{backend}_bwd").default
@@ -112,6 +113,11 @@ def opcheck_ops(backend, device, dtypes=None):
                                       f"inputs; the contract (and the fake) say {want}")
             torch.library.opcheck(fwd, (model.requires_grad_(True), tw, tl, rw, rl, w, 1500.0))
             torch.library.opcheck(bwd, (torch.full((), 0.5, device=device), model.detach(), tw, tl, gs))
+        r = torch.rand(4, generator=torch.Generator().manual_seed(5)).to(device)
+        gs = fwd(model, tw, tl, None, None, w, 1500.0, r)[4]
+        assert gs.dtype == _ops.grad_scale_dtype(dtype)
+        torch.library.opcheck(fwd, (model.detach().requires_grad_(True), tw, tl, None, None, w,
+                                    1500.0, r))
 
 
 def check_compile_matches_eager(backend, inputs, beta):

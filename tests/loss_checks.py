@@ -1,6 +1,7 @@
 """Public-API checks shared by the backends' tests: inputs in user layout (2B, *S), a
-backend run through `ddspo_loss` / `ddspo_loss_from_reference`, and the accuracy rule of
-tests/_kernel_check.py (at most 2x the torch fp32 computation's error against fp64)."""
+backend run through `ddspo_loss` / `ddspo_loss_from_reference` / `ddspo_loss_from_ref_mse`,
+and the accuracy rule of tests/_kernel_check.py (at most 2x the torch fp32 computation's
+error against fp64)."""
 from __future__ import annotations
 
 import torch
@@ -28,12 +29,25 @@ def make(shape, dtype, device="cpu", packed=False, scale=1.0, seed=0, near=False
     return (model.to(device, dtype).requires_grad_(), ref.to(device, dtype), tgt.to(device, dtype))
 
 
+def with_ref_mse(inputs):
+    """(model, target, ref_mse): the reference of standard inputs as its row errors, exact
+    (fp64) and then stored in fp32, as a reference cache stores them."""
+    model, ref, tgt = inputs
+    r = (ref.double() - tgt.double()).pow(2).flatten(1).mean(1)
+    return model, tgt, r.float()
+
+
 def run(backend, inputs, beta, weights=None, packed=False, loss_type="sigmoid"):
-    """(loss, stats, grad) for one backend; the gradient is of the loss w.r.t. model_pred."""
+    """(loss, stats, grad) for one backend; the gradient is of the loss w.r.t. model_pred.
+    Inputs (model, target, ref_mse) (`with_ref_mse`) go through `ddspo_loss_from_ref_mse`."""
     model = inputs[0]
     if model.grad is not None:
         model.grad = None
-    if packed:
+    if len(inputs) == 3 and inputs[2].dim() == 1:
+        loss, stats = df.ddspo_loss_from_ref_mse(model, inputs[1], inputs[2], beta,
+                                                 weights=weights, backend=backend,
+                                                 loss_type=loss_type)
+    elif packed:
         loss, stats = df.ddspo_loss_from_reference(model, inputs[1], beta, weights=weights,
                                                    backend=backend, loss_type=loss_type)
     else:
@@ -54,10 +68,13 @@ def _outputs(loss, stats, grad):
 
 
 def check_backend(backend, shape, dtype, beta, weights=False, packed=False, device="cpu",
-                  near=True, loss_type="sigmoid"):
+                  near=True, loss_type="sigmoid", given=False):
     """A backend through the public API against the torch backend and fp64 (the rule of
-    tests/_kernel_check.py), plus the API's output contract."""
+    tests/_kernel_check.py), plus the API's output contract. `given`: the reference enters
+    as its row errors (`ddspo_loss_from_ref_mse`)."""
     inputs = make(shape, dtype, device, packed=packed, near=near)
+    if given:
+        inputs = with_ref_mse(inputs)
     b = shape[0] // 2
     w = torch.rand(b, generator=torch.Generator().manual_seed(1)).to(device) if weights else None
     loss, stats, grad = run(backend, inputs, beta, w, packed, loss_type)
@@ -75,3 +92,5 @@ def check_backend(backend, shape, dtype, beta, weights=False, packed=False, devi
         (stats64["margin"].abs() < 1e-3).any()
     if packed:
         assert torch.all(stats["ref_mse"][:b] == 0)
+    if given:  # the given errors come back as they were
+        assert torch.equal(stats["ref_mse"], inputs[2].float())

@@ -127,6 +127,33 @@ def test_opcheck(backend, packed):
                                         out[4]))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,offset", [((3, 17, 9), 0), ((4, 128, 128), 0),
+                                          ((16, 128, 128), 1)])
+def test_reference_errors_given(backend, dtype, shape, offset):
+    """The reference as its row errors (a reference cache): the accuracy rule through the
+    public API (split rows, aligned and not), opcheck of the op so called, and a policy
+    equal to its reference having a margin of exactly 0."""
+    _need(backend, dtype)
+    from loss_checks import check_backend
+
+    import ddspo_fast as df
+    check_backend(backend, (4,) + shape, dtype, 5000.0, weights=True, device="cuda",
+                  given=True)
+    model, tw, tl, rw, rl, w = make_inputs(2, shape, dtype, False, True, seed=3, device=DEV,
+                                           offset=offset)
+    fwd = getattr(torch.ops.ddspo_fast, f"{backend}_fwd")
+    r = torch.rand(4, device=DEV)
+    torch.library.opcheck(fwd.default, (model.requires_grad_(True), tw, tl, None, None, w,
+                                        1500.0, r))
+    ref = torch.cat([tw, tl]).reshape(4, *shape) + 0.1
+    tgt = torch.cat([tw, tl]).reshape(4, *shape)
+    r = df.reference_mse(ref, tgt, backend=backend)
+    _, stats = df.ddspo_loss_from_ref_mse(ref.clone(), tgt, r, 22000.0, backend=backend)
+    assert torch.equal(stats["margin"], torch.zeros(2, device=DEV))
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_triton_fp64(packed):
     """fp64 on the GPU: fp64 grad_scale (the op contract) and an fp64-accurate gradient."""

@@ -125,6 +125,82 @@ def test_packed_layout_reads_rows_in_place(backend):
     torch.testing.assert_close(stats_p["ref_mse"], stats_s["ref_mse"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + CPU_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_ref_mse_entry_matches_reference(backend, dtype):
+    """The reference as its row errors (a reference cache): the accuracy rule, weighted and
+    not, at a moderate and at the largest beta, and rows split into chunks."""
+    check_backend(backend, (6, 3, 17, 9), dtype, beta=5000.0, given=True)
+    check_backend(backend, (6, 3, 17, 9), dtype, beta=22000.0, weights=True, given=True)
+    if dtype != torch.float64:  # as test_cpu_large_rows_split_into_chunks: in fp64 the
+        # torch computation is the exact one, and chunked sums differ from it by ulps
+        check_backend(backend, (4, 4, 96, 97), dtype, beta=900.0, weights=True, given=True)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_KERNELS)
+def test_ref_mse_entry_is_the_loss_on_rows_with_those_errors(backend):
+    model, ref, tgt = make((6, 3, 4, 4), torch.float32, near=True)
+    w = torch.rand(3, generator=torch.Generator().manual_seed(2))
+    loss, stats = df.ddspo_loss(model, ref, tgt, 900.0, weights=w, backend=backend)
+    (g,) = torch.autograd.grad(loss, model)
+    for target in (tgt, (tgt[:3], tgt[3:])):
+        loss2, stats2 = df.ddspo_loss_from_ref_mse(model, target, stats["ref_mse"], 900.0,
+                                                   weights=w, backend=backend)
+        (g2,) = torch.autograd.grad(loss2, model)
+        torch.testing.assert_close(loss2, loss, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-9)
+        assert torch.equal(stats2["ref_mse"], stats["ref_mse"])
+        torch.testing.assert_close(stats2["margin"], stats["margin"], rtol=1e-5, atol=1e-5)
+    for lt in ("hinge", "ipo"):
+        want, _ = df.ddspo_loss(model, ref, tgt, 900.0, backend=backend, loss_type=lt)
+        got, _ = df.ddspo_loss_from_ref_mse(model, tgt, stats["ref_mse"], 900.0,
+                                            backend=backend, loss_type=lt)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_mse_is_the_kernels_own_row_error(backend, dtype):
+    model, ref, tgt = make((6, 3, 17, 9), dtype, near=True)
+    _, stats = df.ddspo_loss(model, ref, tgt, 900.0, backend=backend)
+    r = df.reference_mse(ref, tgt, backend=backend)
+    assert r.dtype == torch.float32 and r.shape == (6,) and not r.requires_grad
+    torch.testing.assert_close(r, stats["ref_mse"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(df.reference_mse(ref, (tgt[:3], tgt[3:]), backend=backend), r,
+                               rtol=0, atol=0)
+    # a policy equal to the reference: margin exactly 0, loss log 2, whatever the beta
+    policy = ref.detach().clone().requires_grad_()
+    loss, stats = df.ddspo_loss_from_ref_mse(policy, tgt, r, 22000.0, backend=backend)
+    assert torch.equal(stats["margin"], torch.zeros(3))
+    assert abs(loss.item() - math.log(2)) < 1e-6
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(4, 3), torch.randn(5),), "ref_mse: expected shape \\(4,\\)"),
+    ((torch.randn(3, 3), torch.randn(4),), "target: expected the shape"),
+    (((torch.randn(2, 3), torch.randn(1, 3)), torch.randn(4)), "target_l: expected shape"),
+    (((torch.randn(2, 3), torch.randn(2, 3).double()), torch.randn(4)), "target_l: expected the dtype"),
+    (((torch.randn(2, 3),), torch.randn(4)), "target: expected a \\(2B"),
+    ((torch.randn(4, 3), torch.arange(4)), "ref_mse: expected a floating"),
+])
+def test_ref_mse_entry_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        df.ddspo_loss_from_ref_mse(torch.randn(4, 3, requires_grad=True), *args, 10.0)
+
+
+@needs_cpu_ext
+def test_cpu_op_takes_rows_or_errors_not_both():
+    model, tw, tl, rw, rl, w = make_inputs(2, (3, 7), torch.float32, packed=False,
+                                           weighted=True, seed=4, device="cpu")
+    r = torch.rand(4)
+    with pytest.raises(RuntimeError, match="not both"):
+        torch.ops.ddspo_fast.cpu_fwd(model, tw, tl, None, rl, w, 10.0, r)
+    with pytest.raises(RuntimeError, match="ref_l: required"):
+        torch.ops.ddspo_fast.cpu_fwd(model, tw, tl, None, None, w, 10.0)
+    with pytest.raises(RuntimeError, match="ref_mse: expected shape"):
+        torch.ops.ddspo_fast.cpu_fwd(model, tw, tl, None, None, w, 10.0, r[:3])
+
+
 def test_mixed_input_dtypes_promote():
     model = torch.randn(4, 3, 8).to(torch.bfloat16).requires_grad_()
     ref, tgt = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
@@ -218,6 +294,21 @@ try:
     raise SystemExit("double backward did not raise")
 except RuntimeError as exc:
     assert "second derivative" in str(exc), exc
+# The reference as its row errors: the accuracy rule on the triton backend too.
+from loss_checks import check_backend
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    check_backend("triton", (6, 3, 17, 9), dtype, beta=5000.0, weights=True, given=True)
+    check_backend("triton", (4, 4, 96, 97), dtype, beta=22000.0, given=True)
+r = df.reference_mse(m.detach(), ref_out[:4].detach(), backend="triton")
+_, st = df.ddspo_loss_from_ref_mse(m.detach().clone(), ref_out[:4].detach(), r, 22000.0,
+                                   backend="triton")
+assert torch.equal(st["margin"], torch.zeros(2)), st["margin"]
+rows = m.detach().flatten(1)
+try:
+    torch.ops.ddspo_fast.triton_fwd(rows, rows[:2], rows[2:], None, None, None, 1.0)
+    raise SystemExit("no reference accepted")
+except ValueError as exc:
+    assert "ref_l: required" in str(exc), exc
 print("TRITON-OPS-OK")
 """
 
@@ -298,6 +389,27 @@ def test_torch_compile_fullgraph(backend, loss_type):
     # of 0 may count differently; every other pair must agree
     near_zero = (margin_e.abs() <= 1e-4 * margin_e.abs().max().clamp_min(1.0)).sum().item()
     assert abs(acc_c.item() - acc_e.item()) <= near_zero / margin_e.numel() + 1e-7
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_KERNELS)
+def test_torch_compile_fullgraph_with_reference_errors(backend):
+    """The op with the reference's errors given traces whole (the fake handles ref_mse)."""
+    torch._dynamo.reset()
+
+    def step(model, target, ref_mse):
+        loss, stats = df.ddspo_loss_from_ref_mse(model, target, ref_mse, 3000.0,
+                                                 backend=backend)
+        return loss * 2, stats["model_mse"]
+
+    model, ref, tgt = make((4, 2, 5, 5), torch.float32, near=True)
+    r = df.reference_mse(ref, tgt, backend=backend)
+    loss_c, mse_c = torch.compile(step, fullgraph=True)(model, tgt, r)
+    (g_c,) = torch.autograd.grad(loss_c, model)
+    loss_e, mse_e = step(model, tgt, r)
+    (g_e,) = torch.autograd.grad(loss_e, model)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mse_c, mse_e, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------ dispatch

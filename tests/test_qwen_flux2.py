@@ -28,21 +28,22 @@ VARIANTS = {  # tiny model -> (family, variant, training guidance, text encoder'
 
 
 def _capture_step(tr, batch, monkeypatch):
-    """The Trainer's forward on ``batch``: its inputs, the kwargs of its first (policy)
-    transformer call, and the prediction / target rows handed to the loss."""
+    """The Trainer's forward on ``batch``: its inputs, the kwargs of the first call of its
+    policy transformer (with LoRA the adapters-off reference's, on the same rows), and the
+    prediction / target rows handed to the loss."""
     seen = {}
 
     def pre_hook(module, args, kwargs):
         seen.setdefault("call", dict(kwargs))
 
     handle = tr.policy.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    inner = pairs_mod.ddspo_loss
+    inner = pairs_mod.ddspo_loss_from_ref_mse
 
-    def loss(model_pred, ref_pred, target, *a, **kw):
-        seen.update(pred=model_pred.detach(), target=target.detach())
-        return inner(model_pred, ref_pred, target, *a, **kw)
+    def loss(model_pred, target, ref_mse, *a, **kw):  # target: (target_w, target_l)
+        seen.update(pred=model_pred.detach(), target=torch.cat(target).detach())
+        return inner(model_pred, target, ref_mse, *a, **kw)
 
-    monkeypatch.setattr(pairs_mod, "ddspo_loss", loss)
+    monkeypatch.setattr(pairs_mod, "ddspo_loss_from_ref_mse", loss)
     try:
         with torch.no_grad():
             _, _, inp = tr.compute_loss(batch)

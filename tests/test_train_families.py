@@ -97,7 +97,9 @@ def test_dd_cpp_lora_six_rows_one_base(tmp_path):
     before = trainable_snapshot(tr)
     with count_rows("sd15") as calls:
         out = tr.train_step(next(tr.batches()))
-    assert calls == [4, 4, 2, 2]  # policy 2B, reference 2B, phi_w B, phi_l B: 6 per pair
+    # the frozen networks first (reference 2B, phi_w B, phi_l B), then the policy 2B:
+    # 6 rows per pair
+    assert calls == [4, 2, 2, 4]
     # all four calls run on one module: one base copy carrying the three adapters
     assert len(set(calls.modules)) == 1 and tr.reference is tr.policy
     base = [n for n, _ in tr.policy.named_parameters() if "lora" not in n]
@@ -133,7 +135,7 @@ def test_dd_cpp_full_finetune_keeps_adapters_on_reference(tmp_path):
     tr.adapter.encode_prompts = lambda ps: encoded.append(list(ps)) or orig(ps)
     with count_rows("sd15") as calls:
         tr.train_step(next(tr.batches()))
-    assert calls == [4, 4, 2, 2]  # mixing changes the prompts, not the rows
+    assert calls == [4, 2, 2, 4]  # mixing changes the prompts, not the rows
     assert encoded == [["a red car", "a red car"]]  # DD-CPP never needs c-
     assert tr.reference is not tr.policy
     assert not any("lora" in n for n, _ in tr.policy.named_parameters())

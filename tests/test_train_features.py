@@ -86,7 +86,7 @@ def test_dpo_with_mixing_takes_reference_targets_on_mixed_rows(tmp_path):
                         rand_cond_schedule="constant"))
     with count_rows("sd15") as calls:
         out = tr.train_step(next(tr.batches()))
-    assert calls == [4, 6]  # every pair mixed: the TF-CPP reference layout
+    assert calls == [6, 4]  # every pair mixed: the TF-CPP reference layout, then the policy
     assert math.isfinite(out["loss"].item())
     assert out["ref_mse"][:2].abs().max() == 0  # target_w = ref(x_w, c'): r_w == 0
 

@@ -15,12 +15,14 @@
 
 Nothing here imports the trainer, data, models or CLI (docs/design.md).
 """
-from .api import DDSPOLoss, ddspo_loss, ddspo_loss_from_reference, dpo_loss
+from .api import (DDSPOLoss, ddspo_loss, ddspo_loss_from_ref_mse, ddspo_loss_from_reference,
+                  dpo_loss, reference_mse)
 from .checks import LOSS_TYPES
 from .dispatch import BackendUnavailableError, available_backends
 from .eager import pair_terms
 from .recipes import CONVENTIONS
 
-__all__ = ["ddspo_loss", "ddspo_loss_from_reference", "dpo_loss", "DDSPOLoss",
+__all__ = ["ddspo_loss", "ddspo_loss_from_reference", "ddspo_loss_from_ref_mse",
+           "reference_mse", "dpo_loss", "DDSPOLoss",
            "available_backends", "BackendUnavailableError", "LOSS_TYPES", "CONVENTIONS",
            "pair_terms"]

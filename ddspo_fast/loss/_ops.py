@@ -15,9 +15,12 @@ import torch
 
 BACKEND_OPS = ("cpu", "cuda", "triton")
 
+# The reference enters either as rows (`ref_l`, and `ref_w` unless it is `target_w`) or as
+# its per-row errors `ref_mse` (2B,) = [r_w ; r_l], e.g. read from a reference cache: then
+# `ref_w` and `ref_l` are None and the kernels read no reference rows.
 FWD_SCHEMA = (
-    "(Tensor model, Tensor target_w, Tensor target_l, Tensor? ref_w, Tensor ref_l, "
-    "Tensor? weights, float beta) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor model, Tensor target_w, Tensor target_l, Tensor? ref_w, Tensor? ref_l, "
+    "Tensor? weights, float beta, Tensor? ref_mse=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 BWD_SCHEMA = (
     "(Tensor grad_loss, Tensor model, Tensor target_w, Tensor target_l, "
@@ -31,7 +34,7 @@ def grad_scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_fwd(model, target_w, target_l, ref_w, ref_l, weights, beta):
+def _fake_fwd(model, target_w, target_l, ref_w, ref_l, weights, beta, ref_mse=None):
     rows = model.shape[0]
     f32 = dict(dtype=torch.float32, device=model.device)
     return (model.new_empty((), **f32), model.new_empty((rows,), **f32),
@@ -127,7 +130,7 @@ def _make_backward(bwd_op):
         grad_model = None
         if ctx.needs_input_grad[0]:
             grad_model = _grad_model(ctx, bwd_op, grad_loss, grad_model_mse, grad_margin)
-        return grad_model, None, None, None, None, None, None
+        return grad_model, None, None, None, None, None, None, None
     return backward
 
 
@@ -162,9 +165,9 @@ class _EagerFwd(torch.autograd.Function):
     the loss once per slice of the mapped dimension (`vmap` below) and stacks the results."""
 
     @staticmethod
-    def forward(backend, model, target_w, target_l, ref_w, ref_l, weights, beta):
+    def forward(backend, model, target_w, target_l, ref_w, ref_l, weights, beta, ref_mse=None):
         with _below_autograd():
-            return _FWD[backend](model, target_w, target_l, ref_w, ref_l, weights, beta)
+            return _FWD[backend](model, target_w, target_l, ref_w, ref_l, weights, beta, ref_mse)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -177,7 +180,7 @@ class _EagerFwd(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_model = _grad_model(ctx, _BWD[ctx.backend], grad_loss, grad_model_mse,
                                      grad_margin)
-        return None, grad_model, None, None, None, None, None, None
+        return None, grad_model, None, None, None, None, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, backend, *args):

@@ -1,4 +1,5 @@
-"""The public loss functions: `ddspo_loss`, `ddspo_loss_from_reference`, `dpo_loss`, `DDSPOLoss`.
+"""The public loss functions: `ddspo_loss`, `ddspo_loss_from_reference`,
+`ddspo_loss_from_ref_mse` (with `reference_mse`), `dpo_loss`, `DDSPOLoss`.
 
 Each checks its arguments (checks.py), lays the tensors out as row blocks (layout.py) and
 hands them to the chosen backend (compute.py); the math lives in eager.py and the kernels.
@@ -96,6 +97,81 @@ def ddspo_loss_from_reference(model_pred: torch.Tensor, ref_out: torch.Tensor, b
     target_w, ref_l, target_l = detached(rows(ref_out, order)).split_with_sizes((b, b, b))
     parts = compute(rows(model_pred, order), target_w, target_l, None, ref_l, w, beta, backend,
                     loss_type)
+    return parts.loss, stats_of(parts)
+
+
+def _target_halves(target, pred: torch.Tensor, b: int, pred_name: str):
+    """`target` as (2B, *S) or a pair (target_w, target_l) of (B, *S): its two halves."""
+    if isinstance(target, (tuple, list)):
+        if len(target) != 2:
+            raise ValueError(f"target: expected a (2B, *S) tensor or a pair (target_w, "
+                             f"target_l), got a sequence of {len(target)}")
+        target_w, target_l = (check_tensor(n, t) for n, t in zip(("target_w", "target_l"),
+                                                                   target))
+        half = (b,) + tuple(pred.shape[1:])
+        for name, t in (("target_w", target_w), ("target_l", target_l)):
+            if t.shape != half:
+                raise ValueError(f"{name}: expected shape {half} (half of {pred_name}), "
+                                 f"got {tuple(t.shape)}")
+        if target_w.dtype != target_l.dtype:
+            raise ValueError(f"target_l: expected the dtype of target_w ({target_w.dtype}), "
+                             f"got {target_l.dtype}")
+    else:
+        check_tensor("target", target)
+        if target.shape != pred.shape:
+            raise ValueError(f"target: expected the shape of {pred_name} "
+                             f"{tuple(pred.shape)}, got {tuple(target.shape)}")
+        target_w, target_l = target[:b], target[b:]
+    return target_w, target_l
+
+
+def reference_mse(ref_pred: torch.Tensor, target, *, backend: str = "auto") -> torch.Tensor:
+    """Each reference row's mean squared error against its target: the (2B,) fp32
+    `[r_w ; r_l]` that `ddspo_loss_from_ref_mse` takes, computed by the backend's kernels
+    exactly as they compute the policy's errors (so a policy equal to the reference has a
+    margin of exactly 0). No gradient. `target` as in `ddspo_loss_from_ref_mse`."""
+    check_tensor("ref_pred", ref_pred)
+    b = check_pairs(ref_pred)
+    target_w, target_l = _target_halves(target, ref_pred, b, "ref_pred")
+    check_same_device(ref_pred=ref_pred, target=target_w, target_l=target_l)
+    order = memory_order(ref_pred)
+    tw, tl = (detached(rows(t, order)) for t in (target_w, target_l))
+    with torch.no_grad():
+        # the loss ops with the reference as the model: their model_mse is what is wanted
+        unused = torch.zeros(2 * b, dtype=torch.float32, device=ref_pred.device)
+        parts = compute(detached(rows(ref_pred, order)), tw, tl, None, None, None, 1.0,
+                        backend, ref_mse=unused)
+    return parts.model_mse.float()
+
+
+def ddspo_loss_from_ref_mse(model_pred: torch.Tensor, target, ref_mse: torch.Tensor,
+                            beta: float, *, weights: Weights = None, backend: str = "auto",
+                            loss_type: str = "sigmoid") -> Result:
+    """The pair loss given the reference's per-row errors instead of its predictions.
+
+    `ref_mse` (2B,) = [r_w ; r_l], the mean squared error of each reference row against
+    its target (`reference_mse`, `stats["ref_mse"]` of another call, or what a reference
+    cache stored): only the policy's rows and the targets are read, by the same backends
+    as `ddspo_loss`. `target` is (2B, *S), or a pair `(target_w, target_l)` of (B, *S)
+    tensors (views of other tensors, so nothing is copied). Same result as `ddspo_loss` on
+    rows whose reference errors are `ref_mse`; `stats["ref_mse"]` is `ref_mse` as fp32.
+    """
+    check_tensor("model_pred", model_pred)
+    check_tensor("ref_mse", ref_mse)
+    beta = check_beta(beta)
+    check_loss_type(loss_type, beta)
+    b = check_pairs(model_pred)
+    target_w, target_l = _target_halves(target, model_pred, b, "model_pred")
+    if ref_mse.shape != (2 * b,):
+        raise ValueError(f"ref_mse: expected shape ({2 * b},) (one error per row of "
+                         f"model_pred), got {tuple(ref_mse.shape)}")
+    check_same_device(model_pred=model_pred, target=target_w, target_l=target_l,
+                      ref_mse=ref_mse)
+    w = check_weights(weights, b, model_pred.device)
+    order = memory_order(model_pred)
+    tw, tl = (detached(rows(t, order)) for t in (target_w, target_l))
+    parts = compute(rows(model_pred, order), tw, tl, None, None, w, beta, backend, loss_type,
+                    ref_mse=detached(ref_mse))
     return parts.loss, stats_of(parts)
 
 

@@ -24,9 +24,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def row_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the trailing dim of (pred - target)^2, accumulated in fp32 (fp64 for fp64)."""
+    """Mean of (pred - target)^2 over every dim but the first (rows of any shape or memory
+    layout, read as they are), accumulated in fp32 (fp64 for fp64)."""
     acc = _acc_dtype(pred.dtype)
-    return (pred.to(acc) - target.to(acc)).pow(2).mean(dim=-1)
+    return (pred.to(acc) - target.to(acc)).pow(2).mean(dim=tuple(range(1, pred.dim())))
 
 
 def pair_terms(margin: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> torch.Tensor:
@@ -62,19 +63,25 @@ def margins(model_mse: torch.Tensor, ref_mse: torch.Tensor, beta: float) -> torc
 
 
 def loss_rows(model: torch.Tensor, target_w: torch.Tensor, target_l: torch.Tensor,
-              ref_w: Optional[torch.Tensor], ref_l: torch.Tensor,
-              weights: Optional[torch.Tensor], beta: float) -> LossParts:
+              ref_w: Optional[torch.Tensor], ref_l: Optional[torch.Tensor],
+              weights: Optional[torch.Tensor], beta: float,
+              ref_mse: Optional[torch.Tensor] = None) -> LossParts:
     """The ops' forward in PyTorch: sigmoid loss with z_i = -(beta/2) * ((m_w - m_l) - (r_w - r_l)).
 
-    As with the ops, `loss`, `model_mse` and `margin` are differentiable with respect to
-    `model` (and nothing else); `ref_mse` is not.
+    The reference enters as rows (`ref_l`, and `ref_w` unless it is `target_w`) or as its
+    row errors `ref_mse` (2B,) = [r_w ; r_l] (then `ref_w`, `ref_l` are None). As with the
+    ops, `loss`, `model_mse` and `margin` are differentiable with respect to `model` (and
+    nothing else); `ref_mse` is not.
     """
     target = torch.cat([target_w, target_l])
     model_mse = row_mse(model, target)
     with torch.no_grad():
-        r_l = row_mse(ref_l, target_l)
-        r_w = torch.zeros_like(r_l) if ref_w is None else row_mse(ref_w, target_w)
-        ref_mse = torch.cat([r_w, r_l])
+        if ref_mse is None:
+            r_l = row_mse(ref_l, target_l)
+            r_w = torch.zeros_like(r_l) if ref_w is None else row_mse(ref_w, target_w)
+            ref_mse = torch.cat([r_w, r_l])
+        else:
+            ref_mse = ref_mse.detach().to(model_mse.dtype)
     margin = margins(model_mse, ref_mse, beta)
     loss = pair_loss(margin, beta, "sigmoid", weights)
     # model_mse and margin stay in the accumulation dtype (fp64 for fp64 inputs) so other

@@ -80,8 +80,10 @@ def _pair_math(m_w, m_l, r_w, r_l, w, beta, inv_b, n):
 @triton.jit
 def _fwd_partials(model_ptr, tw_ptr, tl_ptr, rw_ptr, rl_ptr, part_ptr,
                   B, N, s_m, s_tw, s_tl, s_rw, s_rl, chunk_len, n_chunks,
-                  HAS_RW: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Sums of squared errors of one chunk of a pair's rows, stored as partials (4, B, C)."""
+                  HAS_RW: tl.constexpr, HAS_RL: tl.constexpr, BLOCK: tl.constexpr,
+                  ACC: tl.constexpr):
+    """Sums of squared errors of one chunk of a pair's rows, stored as partials (4, B, C)
+    (no reference rows when their errors are given: HAS_RL false)."""
     pid = tl.program_id(0)
     pair = pid // n_chunks
     chunk = pid % n_chunks
@@ -110,8 +112,10 @@ def _fwd_partials(model_ptr, tw_ptr, tl_ptr, rw_ptr, rl_ptr, part_ptr,
         acc_mw += d * d
         d = tl.load(ml_row + offs, mask=mask, other=0.0).to(ACC) - t_l
         acc_ml += d * d
-        d = tl.load(rl_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC) - t_l
-        acc_rl += d * d
+        if HAS_RL:
+            d = tl.load(rl_row + offs, mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(ACC) - t_l
+            acc_rl += d * d
         if HAS_RW:
             d = tl.load(rw_row + offs, mask=mask, other=0.0,
                         eviction_policy="evict_first").to(ACC) - t_w
@@ -126,10 +130,10 @@ def _fwd_partials(model_ptr, tw_ptr, tl_ptr, rw_ptr, rl_ptr, part_ptr,
 
 
 @triton.jit
-def _fwd_finalize(part_ptr, w_ptr, loss_ptr, mmse_ptr, rmse_ptr, margin_ptr, gs_ptr,
-                  B, N, n_chunks, beta,
-                  HAS_W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                  ACC: tl.constexpr):
+def _fwd_finalize(part_ptr, w_ptr, rmse_in_ptr, loss_ptr, mmse_ptr, rmse_ptr, margin_ptr,
+                  gs_ptr, B, N, n_chunks, beta,
+                  HAS_W: tl.constexpr, GIVEN_R: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     # One program: B * n_chunks is small (a few thousand at most), and a fixed summation
     # order makes the loss reproducible, which float atomics would not.
     # `+ N` rather than N.to(): Triton turns an int argument equal to 1 into a constant.
@@ -154,8 +158,12 @@ def _fwd_finalize(part_ptr, w_ptr, loss_ptr, mmse_ptr, rmse_ptr, margin_ptr, gs_
             s_rl += tl.sum(tl.load(p + 3 * stride_q, mask=m2, other=0.0), axis=1)
         m_w = s_mw / n
         m_l = s_ml / n
-        r_w = s_rw / n
-        r_l = s_rl / n
+        if GIVEN_R:  # the reference's row errors, given (a reference cache)
+            r_w = tl.load(rmse_in_ptr + rows, mask=rmask, other=0.0).to(ACC)
+            r_l = tl.load(rmse_in_ptr + B + rows, mask=rmask, other=0.0).to(ACC)
+        else:
+            r_w = s_rw / n
+            r_l = s_rl / n
         if HAS_W:
             w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(ACC)
         else:
@@ -241,7 +249,7 @@ def _check(name: str, t: torch.Tensor, rows: int, n: int, model: torch.Tensor) -
         raise ValueError(f"{name}: the last dim must have stride 1")
 
 
-def _validate(model, target_w, target_l, ref_w, ref_l, weights):
+def _validate(model, target_w, target_l, ref_w, ref_l, weights, ref_mse):
     if model.dim() != 2 or model.shape[0] % 2 or model.shape[0] == 0:
         raise ValueError(f"model: expected (2B, N) with B >= 1, got {tuple(model.shape)}")
     if model.dtype not in _SUPPORTED:
@@ -251,8 +259,20 @@ def _validate(model, target_w, target_l, ref_w, ref_l, weights):
     b, n = model.shape[0] // 2, model.shape[1]
     if n > 1 and model.stride(1) != 1:
         raise ValueError("model: the last dim must have stride 1")
-    for name, t in (("target_w", target_w), ("target_l", target_l), ("ref_l", ref_l)):
+    for name, t in (("target_w", target_w), ("target_l", target_l)):
         _check(name, t, b, n, model)
+    if ref_mse is not None:
+        if ref_w is not None or ref_l is not None:
+            raise ValueError("ref_mse: give either the reference rows (ref_w, ref_l) or "
+                             "ref_mse, not both")
+        if (ref_mse.shape != (2 * b,) or ref_mse.device != model.device
+                or not ref_mse.is_floating_point()):
+            raise ValueError(f"ref_mse: expected floating ({2 * b},) on {model.device}, got "
+                             f"{ref_mse.dtype} {tuple(ref_mse.shape)} on {ref_mse.device}")
+    elif ref_l is None:
+        raise ValueError("ref_l: required unless ref_mse is given")
+    else:
+        _check("ref_l", ref_l, b, n, model)
     if ref_w is not None:
         _check("ref_w", ref_w, b, n, model)
     if weights is not None and (weights.shape != (b,) or weights.device != model.device):
@@ -274,11 +294,12 @@ def _outputs(b: int, dev: torch.device, acc_t: torch.dtype):
 
 
 def forward(model: torch.Tensor, target_w: torch.Tensor, target_l: torch.Tensor,
-            ref_w: Optional[torch.Tensor], ref_l: torch.Tensor,
-            weights: Optional[torch.Tensor], beta: float, *,
+            ref_w: Optional[torch.Tensor], ref_l: Optional[torch.Tensor],
+            weights: Optional[torch.Tensor], beta: float,
+            ref_mse: Optional[torch.Tensor] = None, *,
             n_chunks: Optional[int] = None, block: Optional[int] = None):
     """Host side of `triton_fwd`; `n_chunks` / `block` override the plan (tests, sweeps)."""
-    b, n = _validate(model, target_w, target_l, ref_w, ref_l, weights)
+    b, n = _validate(model, target_w, target_l, ref_w, ref_l, weights, ref_mse)
     dev = model.device
     blk, warps = _block(model.dtype)
     blk = block or blk
@@ -286,21 +307,24 @@ def forward(model: torch.Tensor, target_w: torch.Tensor, target_l: torch.Tensor,
     acc_t = _acc_torch(model.dtype)
     part = torch.empty((4, b, chunks), dtype=acc_t, device=dev)
     loss, mmse, rmse, margin, gs = _outputs(b, dev, acc_t)
-    has_rw = ref_w is not None
-    rw = ref_w if has_rw else ref_l            # never read when HAS_RW is False
+    has_rw, has_rl = ref_w is not None, ref_l is not None
+    rl = ref_l if has_rl else target_l         # never read when HAS_RL is False
+    rw = ref_w if has_rw else rl               # never read when HAS_RW is False
     w = weights.to(acc_t).contiguous() if weights is not None else part
+    r_in = ref_mse.to(acc_t).contiguous() if ref_mse is not None else part
     acc = _acc(model.dtype)
     with _on(dev):
         _fwd_partials[(b * chunks,)](
-            model, target_w, target_l, rw, ref_l, part,
+            model, target_w, target_l, rw, rl, part,
             b, n, model.stride(0), target_w.stride(0), target_l.stride(0), rw.stride(0),
-            ref_l.stride(0), chunk_len, chunks,
-            HAS_RW=has_rw, BLOCK=blk, ACC=acc, num_warps=warps)
+            rl.stride(0), chunk_len, chunks,
+            HAS_RW=has_rw, HAS_RL=has_rl, BLOCK=blk, ACC=acc, num_warps=warps)
         block_c = min(triton.next_power_of_2(chunks), 64)
         block_b = max(1, min(triton.next_power_of_2(b), 4096 // block_c))
         _fwd_finalize[(1,)](
-            part, w, loss, mmse, rmse, margin, gs, b, n, chunks, float(beta),
-            HAS_W=weights is not None, BLOCK_B=block_b, BLOCK_C=block_c, ACC=acc, num_warps=4)
+            part, w, r_in, loss, mmse, rmse, margin, gs, b, n, chunks, float(beta),
+            HAS_W=weights is not None, GIVEN_R=ref_mse is not None, BLOCK_B=block_b,
+            BLOCK_C=block_c, ACC=acc, num_warps=4)
     return loss, mmse, rmse, margin, gs
 
 
@@ -328,8 +352,8 @@ def backward(grad_loss: torch.Tensor, model: torch.Tensor, target_w: torch.Tenso
 
 # --------------------------------------------------------------------------- registration
 
-def _fwd_kernel(model, target_w, target_l, ref_w, ref_l, weights, beta):
-    return forward(model, target_w, target_l, ref_w, ref_l, weights, beta)
+def _fwd_kernel(model, target_w, target_l, ref_w, ref_l, weights, beta, ref_mse=None):
+    return forward(model, target_w, target_l, ref_w, ref_l, weights, beta, ref_mse)
 
 
 def _bwd_kernel(grad_loss, model, target_w, target_l, grad_scale):

@@ -42,7 +42,7 @@ class PlanOptions:
     height: Optional[int] = None
     width: Optional[int] = None
     text_tokens: Optional[int] = None
-    reference_first: Optional[bool] = None   # None: as ddspo_fast's trainer (DDSPO: yes)
+    reference_first: Optional[bool] = None   # None: as ddspo_fast's trainer (yes)
     shard_degree: int = 1                # ranks the weights, gradients and optimizer states
                                          # are sharded over (FSDP full shard); 1 = none
 
@@ -79,9 +79,10 @@ class PlanOptions:
                              "(per-element states that shard with the parameters)")
 
     def ref_first(self) -> bool:
-        """ddspo_fast's trainer runs the reference first for DDSPO (train/pairs.py)."""
+        """ddspo_fast's trainer runs the frozen networks before the policy in every mode
+        (train/pairs.py: the live loss is the frozen call, then the policy loss)."""
         if self.reference_first is None:
-            return self.mode == "ddspo"
+            return True
         return bool(self.reference_first)
 
     def kernel(self) -> str:

@@ -47,6 +47,14 @@ def draw_indices(epoch: int, k: int) -> list[int]:
     return [epoch * k + j for j in range(k)]
 
 
+def batch_draws(batch: dict, epoch: int, k: int) -> tuple[list[str], list[list[int]]]:
+    """A micro-batch's pair ids and each pair's draw indices at visit ``epoch`` with ``k``
+    draws per visit; ``batch["draw_epoch"]``, when present, is the visit instead (a caller
+    pinning the draws, e.g. the benchmark's repeated steps)."""
+    ids = batch_ids(batch)
+    return ids, [draw_indices(int(batch.get("draw_epoch", epoch)), k)] * len(ids)
+
+
 def draws_needed(max_steps: int, grad_accum: int, batches_per_epoch: int, k: int) -> int:
     """Draws per pair a run of ``max_steps`` optimizer steps uses (micro-batches per process
     per epoch = ``batches_per_epoch``): every epoch it touches costs ``k`` draws."""

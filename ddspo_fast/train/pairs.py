@@ -16,20 +16,20 @@ random-condition mixing under Diffusion-DPO the reference runs on the TF-CPP lay
 (5 rows) and mixed pairs take its targets (selected with ``torch.where``, no sync).
 
 ``make_inputs`` turns a data batch into ``PairInputs`` (one text-encoder call for every
-prompt the step needs, shared (t, eps) per pair); ``PairLoss`` runs the networks on the
-rows above and returns the loss.
+prompt the step needs, shared (t, eps) per pair, the pair ids and draw indices);
+``PairLoss`` runs the networks on the rows above and returns the loss: the frozen part
+(``PairLoss.frozen``: targets and the reference's row errors) then the policy's, which a
+reference cache lets a step run alone (``PairLoss.cached_loss``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ..loss import ddspo_loss, ddspo_loss_from_reference
-from ..loss.eager import margins, pair_loss, row_mse
-from ..loss.stats import LossParts, stats_of
+from ..loss import ddspo_loss_from_ref_mse, reference_mse
 
 
 def cat_cond(*conds: dict) -> dict:
@@ -56,6 +56,10 @@ class PairInputs:
     weights: Optional[torch.Tensor] = None  # (n,) per-pair loss weights
     mixed: Optional[torch.Tensor] = None    # (n,) bool: random-condition rows
     tau: Optional[torch.Tensor] = None      # (n,) noise level of t in [0, 1] (metrics, weights)
+    # Which pair-draws the rows are (draws.py), pair-major as the rows: pair ids (one per
+    # pair) and each pair's draw indices. A reference cache looks its rows up by them.
+    ids: Optional[list] = None
+    draws: Optional[list] = None
 
 
 def pair_mode(objective: str, pair: str) -> str:
@@ -136,20 +140,19 @@ def make_inputs(batch: dict, adapter, mode: str, cfg, *, device, dtype: torch.dt
 
     ``cfg`` is the ``TrainConfig`` (seed, timesteps_per_pair K, timestep density, mixing
     schedule, loss weighting, channels_last); ``dtype`` the autocast dtype the conds are
-    cast to. The draws are the pairs' draws ``epoch * K + j`` (``draws.py``: a function of
-    seed, pair id and draw index only); ``batch["draw_epoch"]``, when present, overrides
-    ``epoch``. ``prompt_pool`` is the random-condition pool (None: no mixing).
-    ``policy_only`` (reference cache): c- is not encoded, only the policy runs.
+    cast to. The draws are the pairs' draws at visit ``epoch`` (``draws.batch_draws``: a
+    function of seed, pair id and draw index only). ``prompt_pool`` is the random-condition
+    pool (None: no mixing). ``policy_only`` (reference cache): c- is not encoded, only the
+    policy runs.
     """
-    from .draws import batch_ids, draw_indices, make_draws, pick_prompts
+    from .draws import batch_draws, make_draws, pick_prompts
 
     a, dev = adapter, device
     x_w = batch["latent_w"].to(dev, non_blocking=True).float()
     x_l = batch["latent_l"].to(dev, non_blocking=True).float()
     k = cfg.timesteps_per_pair
-    epoch = int(batch.get("draw_epoch", epoch))
-    ids = batch_ids(batch)
-    d = make_draws(a, ids, [draw_indices(epoch, k)] * len(ids), x_w.shape[1:], seed=cfg.seed,
+    ids, draws = batch_draws(batch, epoch, k)
+    d = make_draws(a, ids, draws, x_w.shape[1:], seed=cfg.seed,
                    logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
                    scheme=cfg.timestep_sampling, mode_scale=cfg.mode_scale, shift=cfg.flow_shift,
                    mix_schedule=cfg.rand_cond_schedule if prompt_pool is not None else None,
@@ -175,16 +178,37 @@ def make_inputs(batch: dict, adapter, mode: str, cfg, *, device, dtype: torch.dt
     x_l = a.prepare_input(x_l, channels_last=cfg.channels_last)
     weights = tau.float() if cfg.loss_weighting == "linear" else None
     return PairInputs(x_w=x_w, x_l=x_l, noise=noise, t=t, cond=cond, neg_cond=neg,
-                      weights=weights, mixed=mixed, tau=tau)
+                      weights=weights, mixed=mixed, tau=tau, ids=ids, draws=draws)
 
 
 # ---------------------------------------------------------------------- loss
+class FrozenOutputs(NamedTuple):
+    """The frozen networks' part of one micro-batch's loss (``PairLoss.frozen``)."""
+
+    target: Optional[tuple]     # (target_w, target_l) (n, *S) each, what a cache stores:
+    #                             the pair targets; on Diffusion-DPO with mixing the TF-CPP
+    #                             targets the mixed rows take; None on Diffusion-DPO without
+    #                             mixing (the targets are the noise, regenerated)
+    ref_mse: torch.Tensor       # (2n,) fp32 [r_w ; r_l], as the loss computes them
+
+
+def _head(rows: tuple, m: int) -> tuple:
+    """The first ``m`` rows of stacked ``(x, t, cond)``, as views."""
+    x, t, c = rows
+    return x[:m], t[:m], {k: v[:m] for k, v in c.items()}
+
+
 class PairLoss:
     """Builds the rows for one objective and returns ``(loss, stats)``.
 
     ``reference(rows...)``, ``phi_w`` / ``phi_l`` are callables running the frozen
     networks (no grad) with the adapter's ``predict`` signature; the trainer supplies
     them so this module knows nothing about LoRA switching or DDP.
+
+    A live call is ``frozen`` (the frozen networks, no grad) followed by the policy's loss
+    on the same rows; a cached call (``cached_loss``) is the same policy loss with the
+    frozen part read from a reference cache. So both run one row builder (``_rows``) and
+    one loss (``ddspo_loss_from_ref_mse``, the fused kernels on the policy's rows).
     """
 
     def __init__(self, adapter, objective: str, pair: str, beta: float, backend: str = "auto",
@@ -193,122 +217,87 @@ class PairLoss:
         self.beta, self.backend, self.loss_type = float(beta), backend, loss_type
         self.mode = pair_mode(objective, pair)
 
-    def needs_neg_cond(self, mixing: bool) -> bool:
-        return needs_neg_cond(self.mode, mixing)
+    # ------------------------------------------------------------------ rows
+    def _rows(self, inp: PairInputs, reference: bool) -> tuple:
+        """``(x, t, cond)`` stacked once: the policy's ``[x_w|c ; x_l|c]``, and for the
+        reference of TF-CPP (and of Diffusion-DPO with mixing) ``[... ; x_l|c-]``, whose
+        first 2n rows the policy then takes as views. Also returns ``(xt_w, xt_l)``."""
+        a = self.adapter
+        xt_w = a.add_noise(inp.x_w, inp.noise, inp.t)
+        xt_l = a.add_noise(inp.x_l, inp.noise, inp.t)
+        if reference and self._three(inp):
+            rows = (torch.cat([xt_w, xt_l, xt_l]), torch.cat([inp.t] * 3),
+                    cat_cond(inp.cond, inp.cond, inp.neg_cond))
+        else:
+            rows = (torch.cat([xt_w, xt_l]), torch.cat([inp.t, inp.t]),
+                    cat_cond(inp.cond, inp.cond))
+        return rows, (xt_w, xt_l)
 
-    def rows_per_pair(self, mixing: bool = False) -> int:
-        return {"tf_cpp": 5, "dpo": 5 if mixing else 4, "dd_cpp": 6}[self.mode]
+    def _three(self, inp: PairInputs) -> bool:
+        return self.mode == "tf_cpp" or (self.mode == "dpo" and inp.mixed is not None)
 
+    def _loss_targets(self, inp: PairInputs, target: Optional[tuple]) -> tuple:
+        """The loss's ``(target_w, target_l)`` from the frozen part's ``target``: itself,
+        or on Diffusion-DPO the family's targets (noise / velocity), mixed rows taking the
+        TF-CPP ones."""
+        if self.mode != "dpo":
+            return target
+        a = self.adapter
+        tw = a.dpo_target(inp.x_w, inp.noise, inp.t)
+        tl = a.dpo_target(inp.x_l, inp.noise, inp.t)
+        if inp.mixed is not None:
+            m = inp.mixed.reshape(-1, *([1] * (tw.dim() - 1)))
+            tw = torch.where(m, target[0].to(tw.dtype), tw)
+            tl = torch.where(m, target[1].to(tl.dtype), tl)
+        return tw, tl
+
+    # ------------------------------------------------------------------ the two parts
+    @torch.no_grad()
+    def _frozen(self, reference: Callable, inp: PairInputs, phi_w: Callable | None,
+                phi_l: Callable | None):
+        """``(FrozenOutputs, loss targets, the policy's rows)``: the frozen networks run
+        first, so their working set never sits on top of the policy's saved activations
+        (ddspo-fast plan, SDXL full fine-tune, 4 pairs, no checkpointing: peak 104.98 ->
+        102.95 GiB)."""
+        n = inp.x_w.shape[0]
+        rows, (xt_w, xt_l) = self._rows(inp, reference=True)
+        ref_out = reference(*rows)
+        target = None
+        if self._three(inp):  # [x_w|c ; x_l|c ; x_l|c-]: the targets are rows 0..n-1, 2n..3n-1
+            target = (ref_out[:n], ref_out[2 * n:])
+        elif self.mode == "dd_cpp":  # from the winning / losing adapters on the one base
+            target = (phi_w(xt_w, inp.t, inp.cond).to(ref_out.dtype),
+                      phi_l(xt_l, inp.t, inp.cond).to(ref_out.dtype))
+        tw, tl = self._loss_targets(inp, target)
+        # by the kernels that compute the policy's errors, so equal rows give equal errors
+        # (TF-CPP: ref_pred_w is target_w, so r_w is exactly 0)
+        ref_mse = reference_mse(ref_out[:2 * n], (tw, tl), backend=self.backend)
+        return FrozenOutputs(target, ref_mse), (tw, tl), _head(rows, 2 * n)
+
+    def frozen(self, reference: Callable, inp: PairInputs, phi_w: Callable | None = None,
+               phi_l: Callable | None = None) -> FrozenOutputs:
+        """What the frozen networks contribute to the loss on ``inp`` (no grad): all the
+        loss needs besides the policy's output, so a precompute can store it and
+        ``cached_loss`` run the policy alone."""
+        return self._frozen(reference, inp, phi_w, phi_l)[0]
+
+    def _policy_loss(self, policy: Callable, inp: PairInputs, ref_mse: torch.Tensor,
+                     targets: tuple, rows: tuple):
+        model_pred = policy(*rows)
+        return ddspo_loss_from_ref_mse(model_pred, targets, ref_mse, self.beta,
+                                       weights=inp.weights, backend=self.backend,
+                                       loss_type=self.loss_type)
+
+    # ------------------------------------------------------------------ the calls
     def __call__(self, policy: Callable, reference: Callable, inp: PairInputs,
                  phi_w: Callable | None = None, phi_l: Callable | None = None):
-        a = self.adapter
-        n = inp.x_w.shape[0]
-        xt_w = a.add_noise(inp.x_w, inp.noise, inp.t)
-        xt_l = a.add_noise(inp.x_l, inp.noise, inp.t)
-        mode = self.mode
-        # TF-CPP (and Diffusion-DPO with mixed pairs) send [x_w|c; x_l|c; x_l|c-] to the
-        # reference: build it once and give the policy its first 2n rows as a view.
-        three = mode == "tf_cpp" or (mode == "dpo" and inp.mixed is not None)
-        if three:
-            x3, t3 = torch.cat([xt_w, xt_l, xt_l]), torch.cat([inp.t] * 3)
-            c3 = cat_cond(inp.cond, inp.cond, inp.neg_cond)
-            x2, t2, c2 = x3[: 2 * n], t3[: 2 * n], {k: v[: 2 * n] for k, v in c3.items()}
-        else:
-            x2, t2 = torch.cat([xt_w, xt_l]), torch.cat([inp.t, inp.t])
-            c2 = cat_cond(inp.cond, inp.cond)
-        if mode == "tf_cpp":
-            # The reference runs first, so its working set never sits on top of the
-            # policy's saved activations (ddspo-fast plan, SDXL full fine-tune, 4 pairs,
-            # no checkpointing: peak 104.98 -> 102.95 GiB); its output is small.
-            with torch.no_grad():
-                ref_out = reference(x3, t3, c3)
-            model_pred = policy(x2, t2, c2)
-            return ddspo_loss_from_reference(model_pred, ref_out, self.beta, weights=inp.weights,
-                                             backend=self.backend, loss_type=self.loss_type)
-        model_pred = policy(x2, t2, c2)
-        if mode == "dpo":
-            target = torch.cat([a.dpo_target(inp.x_w, inp.noise, inp.t),
-                                a.dpo_target(inp.x_l, inp.noise, inp.t)])
-            with torch.no_grad():
-                if inp.mixed is None:
-                    ref_pred = reference(x2, t2, c2)
-                else:
-                    ref_out = reference(x3, t3, c3)
-                    ref_pred = ref_out[: 2 * n]
-                    m = torch.cat([inp.mixed, inp.mixed]).reshape(-1, *([1] * (x2.dim() - 1)))
-                    tf_target = torch.cat([ref_out[:n], ref_out[2 * n:]])
-                    target = torch.where(m, tf_target.to(target.dtype), target)
-            return ddspo_loss(model_pred, ref_pred, target, self.beta, weights=inp.weights,
-                              backend=self.backend, loss_type=self.loss_type)
-        # DD-CPP: targets from the winning / losing adapters on the one base.
-        with torch.no_grad():
-            ref_pred = reference(x2, t2, c2)
-            target = torch.cat([phi_w(xt_w, inp.t, inp.cond), phi_l(xt_l, inp.t, inp.cond)])
-        return ddspo_loss(model_pred, ref_pred, target.to(ref_pred.dtype), self.beta,
-                          weights=inp.weights, backend=self.backend, loss_type=self.loss_type)
+        """The live loss: ``frozen`` on the rows, then the policy's loss on their first 2n."""
+        fr, targets, rows = self._frozen(reference, inp, phi_w, phi_l)
+        return self._policy_loss(policy, inp, fr.ref_mse, targets, rows)
 
-    # ------------------------------------------------------------------ reference cache
-    # The frozen part of __call__ split from the policy's (DESIGN.md section 1b): what
-    # ``frozen`` returns for a draw is all the loss needs besides the policy's output, so
-    # it can be computed ahead of training and ``cached_loss`` runs the policy alone.
-    # Both mirror __call__ row for row; tests hold cached and live runs equal.
-
-    @torch.no_grad()
-    def frozen(self, reference: Callable, inp: PairInputs, phi_w: Callable | None = None,
-               phi_l: Callable | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(target, ref_mse)`` of the frozen networks: ``target`` (2n, *S) the pair
-        targets (None for Diffusion-DPO without mixing: the noise, regenerated); on
-        Diffusion-DPO with mixing, the TF-CPP targets the mixed rows take. ``ref_mse``
-        (2n,) fp32 is r_w, r_l as the loss computes them."""
-        a, n, mode = self.adapter, inp.x_w.shape[0], self.mode
-        xt_w = a.add_noise(inp.x_w, inp.noise, inp.t)
-        xt_l = a.add_noise(inp.x_l, inp.noise, inp.t)
-        three = mode == "tf_cpp" or (mode == "dpo" and inp.mixed is not None)
-        if three:
-            ref_out = reference(torch.cat([xt_w, xt_l, xt_l]), torch.cat([inp.t] * 3),
-                                cat_cond(inp.cond, inp.cond, inp.neg_cond))
-            ref_pred = ref_out[: 2 * n]
-            target = torch.cat([ref_out[:n], ref_out[2 * n:]])
-        else:
-            ref_pred = reference(torch.cat([xt_w, xt_l]), torch.cat([inp.t, inp.t]),
-                                 cat_cond(inp.cond, inp.cond))
-            target = None
-        if mode == "dd_cpp":
-            target = torch.cat([phi_w(xt_w, inp.t, inp.cond),
-                                phi_l(xt_l, inp.t, inp.cond)]).to(ref_pred.dtype)
-        loss_target = target
-        if mode == "dpo":
-            loss_target = self._dpo_target(inp, target)
-        ref_mse = row_mse(ref_pred.reshape(2 * n, -1), loss_target.reshape(2 * n, -1))
-        if mode == "tf_cpp":
-            ref_mse[:n] = 0  # ref_pred_w is target_w: exactly 0, as the loss has it
-        return target, ref_mse.float()
-
-    def _dpo_target(self, inp: PairInputs, tf_target: torch.Tensor | None) -> torch.Tensor:
-        a = self.adapter
-        target = torch.cat([a.dpo_target(inp.x_w, inp.noise, inp.t),
-                            a.dpo_target(inp.x_l, inp.noise, inp.t)])
-        if inp.mixed is not None:
-            m = torch.cat([inp.mixed, inp.mixed]).reshape(-1, *([1] * (target.dim() - 1)))
-            target = torch.where(m, tf_target.to(target.dtype), target)
-        return target
-
-    def cached_loss(self, policy: Callable, inp: PairInputs, target: torch.Tensor | None,
-                    ref_mse: torch.Tensor):
-        """The loss from the policy's 2n rows and the cached ``frozen`` outputs (on the
-        inputs' device). Same value and stats as ``__call__``; the math is the torch
-        backend's (the loss is a negligible share of a step)."""
-        a, n = self.adapter, inp.x_w.shape[0]
-        xt_w = a.add_noise(inp.x_w, inp.noise, inp.t)
-        xt_l = a.add_noise(inp.x_l, inp.noise, inp.t)
-        model_pred = policy(torch.cat([xt_w, xt_l]), torch.cat([inp.t, inp.t]),
-                            cat_cond(inp.cond, inp.cond))
-        if self.mode == "dpo":
-            target = self._dpo_target(inp, target)
-        model_mse = row_mse(model_pred.reshape(2 * n, -1), target.reshape(2 * n, -1))
-        ref_mse = ref_mse.float()
-        margin = margins(model_mse, ref_mse, self.beta)
-        loss = pair_loss(margin, self.beta, self.loss_type, inp.weights)
-        parts = LossParts(loss=loss.float(), model_mse=model_mse.detach().float(),
-                          ref_mse=ref_mse, margin=margin.detach().float())
-        return parts.loss, stats_of(parts)
+    def cached_loss(self, policy: Callable, inp: PairInputs, frozen: FrozenOutputs):
+        """The loss from the policy's 2n rows and a cached ``frozen`` (on the inputs'
+        device): the same value and stats as ``__call__``, through the same kernels."""
+        rows, _ = self._rows(inp, reference=False)
+        targets = self._loss_targets(inp, frozen.target)
+        return self._policy_loss(policy, inp, frozen.ref_mse, targets, rows)

@@ -75,7 +75,6 @@ class _Frozen:
                     p.data = p.data.to(self.dtype)
             self.switch = AdapterSwitch(den)
             self.switch.set(None)
-        self.win, self.lose = WIN, LOSE
         if sharded:
             from .sharding import device_mesh, shard
 
@@ -90,6 +89,13 @@ class _Frozen:
             with self.switch.use([name]):
                 return self.adapter.predict(self.den, x, t, c)
         return run
+
+    def phis(self) -> tuple:
+        """DD-CPP's ``(phi_w, phi_l)``; ``(None, None)`` for the other objectives."""
+        if self.switch is None:
+            return None, None
+        from .lora import LOSE, WIN
+        return self.phi(WIN), self.phi(LOSE)
 
 
 def _lock(out: Path) -> DirLock:
@@ -262,8 +268,7 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
             loss = PairLoss(frozen.adapter, cfg.objective, cfg.pair, cfg.beta, cfg.backend,
                             loss_type=cfg.loss_type)
             one = cfg.replace(timesteps_per_pair=1)  # draw d of a pair = its "epoch" d
-            phis = (frozen.phi(frozen.win), frozen.phi(frozen.lose)) if mode == "dd_cpp" \
-                else (None, None)
+            phis = frozen.phis()
             autocast = (torch.autocast(device.type, dtype=frozen.dtype)
                         if cfg.mixed_precision != "no" else contextlib.nullcontext())
             bs = batch_size or (32 if device.type == "cuda" else 8)
@@ -284,7 +289,7 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
                             with torch.inference_mode(), autocast:
                                 inp = make_inputs(batch, frozen.adapter, mode, one, device=device,
                                                   dtype=frozen.dtype, epoch=d, prompt_pool=pool)
-                                target, ref_mse = loss.frozen(frozen.reference, inp, *phis)
+                                fr = loss.frozen(frozen.reference, inp, *phis)
                         except RuntimeError as e:
                             if not (device.type == "cuda" and _is_oom(e) and bs > 1):
                                 raise
@@ -292,9 +297,9 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
                             bs //= 2  # the largest batch that fits
                             continue
                         n = inp.x_w.shape[0]
-                        got = {"r_w": ref_mse[:n], "r_l": ref_mse[n:]}
-                        if target is not None:
-                            got.update(target_w=target[:n], target_l=target[n:])
+                        got = {"r_w": fr.ref_mse[:n], "r_l": fr.ref_mse[n:]}
+                        if fr.target is not None:
+                            got.update(target_w=fr.target[0], target_l=fr.target[1])
                         for f in fields:
                             want = torch.float32 if f.startswith("r_") else rc.DTYPES[dtype]
                             parts[f].append(got[f].to("cpu", want).contiguous())
@@ -347,7 +352,7 @@ def _precompute_sharded(cfg, family, mode, need_text, device, shard_options, dat
     loss = PairLoss(frozen.adapter, cfg.objective, cfg.pair, cfg.beta, cfg.backend,
                     loss_type=cfg.loss_type)
     one = cfg.replace(timesteps_per_pair=1)  # draw d of a pair = its "epoch" d
-    phis = (frozen.phi(frozen.win), frozen.phi(frozen.lose)) if mode == "dd_cpp" else (None, None)
+    phis = frozen.phis()
     autocast = (torch.autocast(device.type, dtype=frozen.dtype)
                 if cfg.mixed_precision != "no" else contextlib.nullcontext())
     computed, parts = 0, {}
@@ -359,13 +364,13 @@ def _precompute_sharded(cfg, family, mode, need_text, device, shard_options, dat
         with torch.no_grad(), autocast:
             inp = make_inputs(batch, frozen.adapter, mode, one, device=device,
                               dtype=frozen.dtype, epoch=d, prompt_pool=pool)
-            target, ref_mse = loss.frozen(frozen.reference, inp, *phis)
+            fr = loss.frozen(frozen.reference, inp, *phis)
         if not real:
             continue
         m = inp.x_w.shape[0]
-        got = {"r_w": ref_mse[:m], "r_l": ref_mse[m:]}
-        if target is not None:
-            got.update(target_w=target[:m], target_l=target[m:])
+        got = {"r_w": fr.ref_mse[:m], "r_l": fr.ref_mse[m:]}
+        if fr.target is not None:
+            got.update(target_w=fr.target[0], target_l=fr.target[1])
         for f in fields:
             want = torch.float32 if f.startswith("r_") else rc.DTYPES[dtype]
             parts.setdefault((d, s), {g: [] for g in fields})[f].append(

@@ -51,9 +51,9 @@ import torch
 
 from ..fsio import atomic_write_json, sha256_file
 from .errors import UntrustedCheckpointError
-from .draws import DRAWS_VERSION, draw_indices, draws_needed
+from .draws import DRAWS_VERSION, draws_needed
 from .precision import CACHE_DTYPES, Precision
-from .pairs import needs_text_encoder, pair_mode
+from .pairs import FrozenOutputs, needs_text_encoder, pair_mode
 
 FORMAT_NAME = "ddspo_fast.refcache"
 FORMAT_VERSION = 2  # 2: every shard has its checksum file
@@ -322,7 +322,8 @@ def read_meta(path) -> dict:
 # ---------------------------------------------------------------------- reader
 class RefCache:
     """A reference cache opened for reading. ``lookup`` returns what
-    ``PairLoss.cached_loss`` takes for the rows of one micro-batch."""
+    ``PairLoss.cached_loss`` takes for the rows of one micro-batch (``PairLoss.frozen``'s
+    result, stored)."""
 
     MAX_OPEN = 64  # shard handles kept open (least recently used closed first)
 
@@ -426,20 +427,19 @@ class RefCache:
                     rows[f].append(h.get_slice(f)[row])
         return {f: torch.stack(v) for f, v in rows.items()}
 
-    def lookup(self, ids, epoch: int, k: int, *, device) -> tuple[Optional[torch.Tensor],
-                                                                    torch.Tensor]:
-        """``(target, ref_mse)`` of a micro-batch of pairs ``ids`` at visit ``epoch`` with
-        ``k`` draws per visit, in ``make_inputs``' row order: ``target`` (2n, *S) or None
-        (Diffusion-DPO without mixing), ``ref_mse`` (2n,) fp32 = [r_w ; r_l]."""
-        got = self.read(ids, [draw_indices(epoch, k)] * len(ids))
+    def lookup(self, ids, draws, *, device) -> FrozenOutputs:
+        """The stored ``FrozenOutputs`` of the pair-draws ``[(ids[0], draws[0][0]), ...]`` (a
+        ``PairInputs``' ``ids`` and ``draws``), in its row order, on ``device``."""
+        got = self.read(ids, draws)
         dev = torch.device(device)
         r_l = got["r_l"]
         r_w = got["r_w"] if "r_w" in got else torch.zeros_like(r_l)
         ref_mse = torch.cat([r_w, r_l]).to(dev, non_blocking=True)
         target = None
         if "target_w" in got:
-            target = torch.cat([got["target_w"], got["target_l"]]).to(dev, non_blocking=True)
-        return target, ref_mse
+            target = (got["target_w"].to(dev, non_blocking=True),
+                      got["target_l"].to(dev, non_blocking=True))
+        return FrozenOutputs(target, ref_mse)
 
     def close(self) -> None:
         self._handles = OrderedDict()

@@ -67,9 +67,10 @@ class Step:
         phi = (self.phi(WIN), self.phi(LOSE)) if self.mode == "dd_cpp" else (None, None)
         return self.pair_loss(self.policy_fn, self.reference_fn, inp, *phi)
 
-    def cached_loss(self, inp: PairInputs, target, ref_mse):
-        """``(loss, stats)`` with the frozen outputs read from a reference cache."""
-        return self.pair_loss.cached_loss(self.policy_fn, inp, target, ref_mse)
+    def cached_loss(self, inp: PairInputs, frozen):
+        """``(loss, stats)`` with the frozen outputs (``FrozenOutputs``) read from a
+        reference cache."""
+        return self.pair_loss.cached_loss(self.policy_fn, inp, frozen)
 
 
 def build_step(config, adapter, precision: Optional[Precision] = None, *,

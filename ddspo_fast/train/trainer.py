@@ -127,16 +127,12 @@ class Trainer(TrainingRun):
     def _new_metrics(self):
         return MetricsAccumulator(self.device)
 
-    # ================================================================== inputs
-    def _draw_epoch(self, batch: dict) -> int:
-        """The epoch this micro-batch's draws belong to (``draws.py``)."""
-        return int(batch.get("draw_epoch", self.micro_step // self.batches_per_epoch))
-
     def make_inputs(self, batch: dict) -> PairInputs:
         """Batch -> the tensors of one step (see ``pairs.make_inputs``)."""
         ps = self.prompt_sampler
         return make_inputs(batch, self.adapter, self.mode, self.config, device=self.device,
-                           dtype=self.weight_dtype, epoch=self._draw_epoch(batch),
+                           dtype=self.weight_dtype,
+                           epoch=self.micro_step // self.batches_per_epoch,
                            prompt_pool=ps.pool if ps is not None else None,
                            policy_only=self.ref_cache is not None)
 
@@ -154,12 +150,8 @@ class Trainer(TrainingRun):
         """Forward only: ``(loss, stats, inputs)`` for one micro-batch (no backward)."""
         inp = self.make_inputs(batch)
         if self.ref_cache is not None:
-            from .draws import batch_ids
-
-            target, ref_mse = self.ref_cache.lookup(
-                batch_ids(batch), self._draw_epoch(batch), self.config.timesteps_per_pair,
-                device=self.device)
-            loss, stats = self.step.cached_loss(inp, target, ref_mse)
+            frozen = self.ref_cache.lookup(inp.ids, inp.draws, device=self.device)
+            loss, stats = self.step.cached_loss(inp, frozen)
             return loss, stats, inp
         loss, stats = self.step.loss(inp)
         return loss, stats, inp
