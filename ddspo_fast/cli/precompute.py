@@ -37,6 +37,9 @@ CONFIG_FIELDS = (
     "device", "attention", "channels_last", "text_encoder_dtype", "guidance_scale",
     "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift",
     "rand_cond_prompts", "rand_cond_schedule", "rand_cond_lambda", "progress",
+    # a quantized base's cache (the LoRA run's adapters-off reference): base_quantization
+    # is for LoRA runs, so lora_rank comes with it (it changes nothing in the cache)
+    "base_quantization", "lora_rank",
 )
 # precompute's own flags: what it writes and how it batches (not settings of the run)
 OWN_FLAGS = {"out": "--out", "draws": "--draws", "dtype": "--dtype",

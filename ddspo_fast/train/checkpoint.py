@@ -174,13 +174,7 @@ def save(output_dir, step: int, accelerator, *, trainable: Callable[[], dict],
                 save_tensors(tmp / TRAINABLE_FILE, trainable())
             with explain_disk_full(tmp / OPTIMIZER_FILE):
                 write_state(tmp / OPTIMIZER_FILE, optimizer.state_dict())
-            with explain_disk_full(tmp / SCHEDULER_FILE):
-                write_state(tmp / SCHEDULER_FILE, scheduler.state_dict())
-            atomic_write_text(tmp / STATE_FILE, json.dumps(state, default=str, allow_nan=False))
-            write_manifest(tmp)
-            with explain_disk_full(dst):
-                commit(output_dir, step)
-            prune(output_dir, keep)
+            _publish(tmp, dst, output_dir, step, keep, scheduler, state)
     except DiskFullError:
         # free what the half-written checkpoint took; the earlier ones stay as they were
         if is_main:
@@ -188,6 +182,18 @@ def save(output_dir, step: int, accelerator, *, trainable: Callable[[], dict],
         raise
     accelerator.wait_for_everyone()
     return dst
+
+
+def _publish(tmp: Path, dst: Path, output_dir, step: int, keep, scheduler, state: dict) -> None:
+    """The main process's last writes into a checkpoint's temporary directory (schedule,
+    trainer state, manifest), then its atomic rename into place and the pruning."""
+    with explain_disk_full(tmp / SCHEDULER_FILE):
+        write_state(tmp / SCHEDULER_FILE, scheduler.state_dict())
+    atomic_write_text(tmp / STATE_FILE, json.dumps(state, default=str, allow_nan=False))
+    write_manifest(tmp)
+    with explain_disk_full(dst):
+        commit(output_dir, step)
+    prune(output_dir, keep)
 
 
 # ---------------------------------------------------------------------- checksums
@@ -415,13 +421,7 @@ def save_sharded(output_dir, step: int, accelerator, *, shards: Callable[[], tup
         if is_main:
             atomic_write_json(tmp / SHARDING_FILE, {"format": 1, "strategy": "fsdp2",
                                                     "world_size": accelerator.num_processes})
-            with explain_disk_full(tmp / SCHEDULER_FILE):
-                write_state(tmp / SCHEDULER_FILE, scheduler.state_dict())
-            atomic_write_text(tmp / STATE_FILE, json.dumps(state, default=str, allow_nan=False))
-            write_manifest(tmp)
-            with explain_disk_full(dst):
-                commit(output_dir, step)
-            prune(output_dir, keep)
+            _publish(tmp, dst, output_dir, step, keep, scheduler, state)
     except DiskFullError:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)

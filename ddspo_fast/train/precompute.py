@@ -27,9 +27,10 @@ import torch
 
 from ..fsio import DirLock, atomic_write
 from . import refcache as rc
-from .config import TrainConfig, as_config, weight_dtype
+from .config import TrainConfig, as_config
 from .outdir import INPUT_FIELDS, check_apart
 from .pairs import PairLoss, make_inputs, needs_text_encoder, pair_mode
+from .precision import Precision, store_frozen
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -44,7 +45,7 @@ class _Frozen:
         from .lora import LOSE, WIN, AdapterSwitch, find_pair_dirs, load_named_adapter
         from .quantize import quantize_base
 
-        self.dtype = weight_dtype(cfg.mixed_precision)
+        self.dtype = Precision.from_config(cfg, torch.device(device).type).frozen
         comps = ("denoiser", "text") if need_text else ("denoiser",)
         sharded = shard_options is not None
         # Stored in the autocast dtype, as the trainer stores its frozen copies. A sharded
@@ -69,10 +70,10 @@ class _Frozen:
             win, lose = find_pair_dirs(cfg.pair_lora)
             load_named_adapter(den, win, WIN, a.denoiser_name)
             load_named_adapter(den, lose, LOSE, a.denoiser_name)
-            for name, p in den.named_parameters():
-                p.requires_grad_(False)
-                if f".{WIN}." in name or f".{LOSE}." in name:  # a quantized base keeps its codes
-                    p.data = p.data.to(self.dtype)
+            den.requires_grad_(False)
+            # the pair adapters in the frozen dtype (a quantized base keeps its codes)
+            store_frozen([p for n, p in den.named_parameters()
+                          if f".{WIN}." in n or f".{LOSE}." in n], self.dtype)
             self.switch = AdapterSwitch(den)
             self.switch.set(None)
         if sharded:
@@ -135,6 +136,16 @@ def _prepare_dir(out: Path, fp: dict, files: dict, *, fields, latent_shape, dtyp
                        pairs_per_shard=pairs_per_shard or default_pps)
     rc.write_meta(out, meta)
     return meta
+
+
+def _cache_fields(fr, n: int, fields, dtype: str) -> dict:
+    """One batch's frozen outputs (``FrozenOutputs`` of ``n`` pairs) as the cache stores
+    them: the reference's row errors in fp32, the targets in the cache's dtype."""
+    got = {"r_w": fr.ref_mse[:n], "r_l": fr.ref_mse[n:]}
+    if fr.target is not None:
+        got.update(target_w=fr.target[0], target_l=fr.target[1])
+    return {f: got[f].to("cpu", torch.float32 if f.startswith("r_") else rc.DTYPES[dtype])
+            .contiguous() for f in fields}
 
 
 def _write_shard(path: Path, tensors: dict) -> None:
@@ -297,12 +308,8 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
                             bs //= 2  # the largest batch that fits
                             continue
                         n = inp.x_w.shape[0]
-                        got = {"r_w": fr.ref_mse[:n], "r_l": fr.ref_mse[n:]}
-                        if fr.target is not None:
-                            got.update(target_w=fr.target[0], target_l=fr.target[1])
-                        for f in fields:
-                            want = torch.float32 if f.startswith("r_") else rc.DTYPES[dtype]
-                            parts[f].append(got[f].to("cpu", want).contiguous())
+                        for f, v in _cache_fields(fr, n, fields, dtype).items():
+                            parts[f].append(v)
                         bar.update(n)
                         computed += n
                         i += n
@@ -368,13 +375,8 @@ def _precompute_sharded(cfg, family, mode, need_text, device, shard_options, dat
         if not real:
             continue
         m = inp.x_w.shape[0]
-        got = {"r_w": fr.ref_mse[:m], "r_l": fr.ref_mse[m:]}
-        if fr.target is not None:
-            got.update(target_w=fr.target[0], target_l=fr.target[1])
-        for f in fields:
-            want = torch.float32 if f.startswith("r_") else rc.DTYPES[dtype]
-            parts.setdefault((d, s), {g: [] for g in fields})[f].append(
-                got[f].to("cpu", want).contiguous())
+        for f, v in _cache_fields(fr, m, fields, dtype).items():
+            parts.setdefault((d, s), {g: [] for g in fields})[f].append(v)
         computed += m
         if j == s * pps + size(s):  # the shard's last batch
             _write_shard(cache.shard_path(d, s),
