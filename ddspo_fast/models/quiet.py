@@ -45,6 +45,20 @@ class _DropNotices(logging.Filter):
 
 
 @contextmanager
+def dropping_notices(notices: dict):
+    """Within the block, the messages of ``{logger name: (substring, ...)}`` are dropped."""
+    filters = [(logging.getLogger(name), _DropNotices(tuple(needles)))
+               for name, needles in notices.items()]
+    for lg, f in filters:
+        lg.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg, f in filters:
+            lg.removeFilter(f)
+
+
+@contextmanager
 def quiet_loading():
     """Within the block: no diffusers / transformers progress bars, no torchvision notice.
 
@@ -61,16 +75,10 @@ def quiet_loading():
     tlog.disable_progress_bar()  # also turns the hub's bars off: put those back
     if not hub_off:
         enable_progress_bars()
-    filters = []
-    for name, needles in _NOTICES.items():
-        f = _DropNotices(needles)
-        logging.getLogger(name).addFilter(f)
-        filters.append((name, f))
     try:
-        yield
+        with dropping_notices(_NOTICES):
+            yield
     finally:
-        for name, f in filters:
-            logging.getLogger(name).removeFilter(f)
         if d_on:
             dlog.enable_progress_bar()
         if t_on:

@@ -28,11 +28,9 @@ Bytes as stored (``stored_bytes``; the planner counts with it):
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import sys
 import warnings
-from contextlib import contextmanager
 
 import torch
 
@@ -52,27 +50,10 @@ _IMPORT_NOTICES = {
 }
 
 
-class _Drop(logging.Filter):
-    def __init__(self, needles):
-        super().__init__()
-        self.needles = needles
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not any(n in msg for n in self.needles)
-
-
-@contextmanager
 def _quiet_import():
-    filters = [(logging.getLogger(name), _Drop(needles))
-               for name, needles in _IMPORT_NOTICES.items()]
-    for lg, f in filters:
-        lg.addFilter(f)
-    try:
-        yield
-    finally:
-        for lg, f in filters:
-            lg.removeFilter(f)
+    from ..models.quiet import dropping_notices
+
+    return dropping_notices(_IMPORT_NOTICES)
 
 
 def _bitsandbytes(what: str):
