@@ -42,7 +42,7 @@ class PlanOptions:
     height: Optional[int] = None
     width: Optional[int] = None
     text_tokens: Optional[int] = None
-    reference_first: Optional[bool] = None   # None: as ddspo_fast's trainer (yes)
+    reference_first: Optional[bool] = None   # None: as the trainer of ``mode`` does
     shard_degree: int = 1                # ranks the weights, gradients and optimizer states
                                          # are sharded over (FSDP full shard); 1 = none
 
@@ -80,9 +80,10 @@ class PlanOptions:
 
     def ref_first(self) -> bool:
         """ddspo_fast's trainer runs the frozen networks before the policy in every mode
-        (train/pairs.py: the live loss is the frozen call, then the policy loss)."""
+        (train/pairs.py: the live loss is the frozen call, then the policy loss); the
+        official recipe's script runs the policy first."""
         if self.reference_first is None:
-            return True
+            return self.mode != "ddspo-official"
         return bool(self.reference_first)
 
     def kernel(self) -> str:
