@@ -20,7 +20,7 @@ from ddspo_fast.cli import _validate as V
 
 NO_CUDA = not torch.cuda.is_available()
 
-#: commands whose parser the integrator has yet to route through the validator. EMPTY BY
+#: commands whose parser is not yet routed through the validator. EMPTY BY
 #: INTENT: a command listed here is a known gap, to be cleared, never a place to park one.
 KNOWN_UNWIRED: tuple = ()
 
