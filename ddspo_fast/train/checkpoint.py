@@ -292,6 +292,14 @@ class Loaded:
     rng: Optional[dict]        # this process's RNG state (None if the file is absent)
 
 
+def _read_named(file: Path, how):
+    """``how(file)``; any parse error of any format becomes one error naming the file."""
+    try:
+        return how(file)
+    except Exception as e:
+        raise _unreadable(file, e) from e
+
+
 def _unreadable(path: Path, e: Exception) -> CorruptCheckpointError:
     first = str(e).splitlines()[0] if str(e) else ""
     return CorruptCheckpointError(f"resume: cannot read {path}: {type(e).__name__}: {first}",
@@ -323,10 +331,7 @@ def load(path, process_index: int, *, verified: bool = False,
         verify(path, trust=trust)
 
     def read(name: str, how):
-        try:
-            return how(path / name)
-        except Exception as e:  # any parse error of any format: name the file
-            raise _unreadable(path / name, e) from e
+        return _read_named(path / name, how)
 
     if state is None:
         state = read_state(path)
@@ -455,10 +460,7 @@ def load_sharded(path, process_index: int, num_processes: int, *, verified: bool
                          "with ddspo-fast export and start a new run from the export)")
 
     def read(name: str, how):
-        try:
-            return how(path / name)
-        except Exception as e:  # any parse error of any format: name the file
-            raise _unreadable(path / name, e) from e
+        return _read_named(path / name, how)
 
     if state is None:
         state = read_state(path)

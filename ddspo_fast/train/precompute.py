@@ -138,6 +138,18 @@ def _prepare_dir(out: Path, fp: dict, files: dict, *, fields, latent_shape, dtyp
     return meta
 
 
+def _frozen_step(cfg, family: str, mode: str, need_text: bool, device, shard_options=None):
+    """What one precompute runs per batch: ``(frozen networks, PairLoss, the config with
+    one draw per pair, DD-CPP's phis, the autocast context)``."""
+    frozen = _Frozen(cfg, family, mode, need_text, device, shard_options=shard_options)
+    loss = PairLoss(frozen.adapter, cfg.objective, cfg.pair, cfg.beta, cfg.backend,
+                    loss_type=cfg.loss_type)
+    one = cfg.replace(timesteps_per_pair=1)  # draw d of a pair = its "epoch" d
+    autocast = (torch.autocast(torch.device(device).type, dtype=frozen.dtype)
+                if cfg.mixed_precision != "no" else contextlib.nullcontext())
+    return frozen, loss, one, frozen.phis(), autocast
+
+
 def _cache_fields(fr, n: int, fields, dtype: str) -> dict:
     """One batch's frozen outputs (``FrozenOutputs`` of ``n`` pairs) as the cache stores
     them: the reference's row errors in fp32, the targets in the cache's dtype."""
@@ -274,14 +286,9 @@ def precompute(config, out, draws: int, *, dtype: Optional[str] = None,
                 cfg, family, mode, need_text, device, shard_options, dataset, cache, todo,
                 fields, dtype, pool, size, batch_size or (32 if device.type == "cuda" else 8))
         elif todo:
-            frozen = _Frozen(cfg, family, mode, need_text, device)
+            frozen, loss, one, phis, autocast = _frozen_step(cfg, family, mode, need_text,
+                                                             device)
             t0 = time.perf_counter()  # the frozen networks' time, not their loading
-            loss = PairLoss(frozen.adapter, cfg.objective, cfg.pair, cfg.beta, cfg.backend,
-                            loss_type=cfg.loss_type)
-            one = cfg.replace(timesteps_per_pair=1)  # draw d of a pair = its "epoch" d
-            phis = frozen.phis()
-            autocast = (torch.autocast(device.type, dtype=frozen.dtype)
-                        if cfg.mixed_precision != "no" else contextlib.nullcontext())
             bs = batch_size or (32 if device.type == "cuda" else 8)
             from tqdm.auto import tqdm
 
@@ -354,14 +361,9 @@ def _precompute_sharded(cfg, family, mode, need_text, device, shard_options, dat
     rounds = int(n.item())
     if rounds == 0:
         return 0, 0.0
-    frozen = _Frozen(cfg, family, mode, need_text, device, shard_options=shard_options)
+    frozen, loss, one, phis, autocast = _frozen_step(cfg, family, mode, need_text, device,
+                                                     shard_options)
     t0 = time.perf_counter()
-    loss = PairLoss(frozen.adapter, cfg.objective, cfg.pair, cfg.beta, cfg.backend,
-                    loss_type=cfg.loss_type)
-    one = cfg.replace(timesteps_per_pair=1)  # draw d of a pair = its "epoch" d
-    phis = frozen.phis()
-    autocast = (torch.autocast(device.type, dtype=frozen.dtype)
-                if cfg.mixed_precision != "no" else contextlib.nullcontext())
     computed, parts = 0, {}
     for k in range(rounds):
         real = k < len(plan)
