@@ -8,7 +8,6 @@ stated margin, on a CPU without weights.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -16,6 +15,7 @@ import time
 from dataclasses import asdict
 
 from . import margin
+from .table_cli import parser, printed_markdown
 from .archs import by_name
 from .estimate import PlanOptions, estimate_step
 from .whatif import with_base, with_sharding
@@ -84,14 +84,9 @@ def main(argv=None) -> int:
     from .._version import __version__
     from ..fsio import atomic_write_text
 
-    p = argparse.ArgumentParser(prog="python -m ddspo_fast.plan.fit")
-    p.add_argument("--write", help="write the table as JSON to this path")
-    p.add_argument("--markdown", metavar="JSON", help="print the README table of a written "
-                   "table and exit (no estimates)")
+    p = parser("python -m ddspo_fast.plan.fit")
     args = p.parse_args(argv)
-    if args.markdown:
-        with open(args.markdown, encoding="utf-8") as f:
-            print(markdown(json.load(f)))
+    if printed_markdown(args, markdown):
         return 0
     doc = build(log=lambda s: print(s, flush=True))
     doc.update({"what": "estimated peak accelerator memory of one DDSPO TF-CPP step per rank "

@@ -10,13 +10,13 @@ leaves its band.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import asdict
 
 from . import margin
+from .table_cli import parser, printed_markdown
 from .archs import by_name
 from .estimate import PlanOptions, estimate_steps
 
@@ -189,15 +189,10 @@ def main(argv=None) -> int:
     from .._version import __version__
     from ..fsio import atomic_write_text
 
-    p = argparse.ArgumentParser(prog="python -m ddspo_fast.plan.published")
+    p = parser("python -m ddspo_fast.plan.published")
     p.add_argument("--row", action="append", help="only this row id (repeatable)")
-    p.add_argument("--write", help="write the table as JSON to this path")
-    p.add_argument("--markdown", metavar="JSON", help="print the README table of a written "
-                   "table and exit (no estimates)")
     args = p.parse_args(argv)
-    if args.markdown:
-        with open(args.markdown, encoding="utf-8") as f:
-            print(markdown(json.load(f)))
+    if printed_markdown(args, markdown):
         return 0
     results = check(set(args.row or ()), log=lambda s: print(s, flush=True))
     if args.write and args.row:

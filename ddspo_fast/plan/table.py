@@ -7,7 +7,6 @@ recomputed from the same traces (they change counted parts only, ``whatif.py``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -15,6 +14,7 @@ import time
 from dataclasses import asdict
 
 from . import margin
+from .table_cli import parser, printed_markdown
 from .archs import by_name
 from .estimate import PlanOptions, estimate_steps
 from .whatif import with_optimizer, with_reference_cache
@@ -100,15 +100,10 @@ def main(argv=None) -> int:
     from .._version import __version__
     from ..fsio import atomic_write_text
 
-    p = argparse.ArgumentParser(prog="python -m ddspo_fast.plan.table")
+    p = parser("python -m ddspo_fast.plan.table")
     p.add_argument("--family", action="append", choices=FAMILIES)
-    p.add_argument("--write", help="write the table as JSON to this path")
-    p.add_argument("--markdown", metavar="JSON", help="print the README table of a written "
-                   "table and exit (no estimates)")
     args = p.parse_args(argv)
-    if args.markdown:
-        with open(args.markdown, encoding="utf-8") as f:
-            print(markdown(json.load(f)))
+    if printed_markdown(args, markdown):
         return 0
     doc = build(tuple(args.family or FAMILIES), log=lambda s: print(s, flush=True))
     doc.update({"what": "estimated peak accelerator memory of one DDSPO step (GiB, traced "
